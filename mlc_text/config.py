@@ -47,6 +47,9 @@ class MLCTrainingArguments(TrainingArguments):
             Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
         meta_update_interval (`int`, *optional*, defaults to `1`):
             Run the meta step every this many optimizer steps; steps in between train on corrected labels only.
+        meta_lr_follows_schedule (`bool`, *optional*, defaults to `True`):
+            Scale the corrector's learning rate by the main learning-rate schedule (warm-up, decay). The
+            meta-gradient shrinks with the main learning rate, and Adam would otherwise undo that.
         meta_gradient (`str`, *optional*, defaults to `"jvp"`):
             How the meta-gradient is computed: `"jvp"` (one forward-mode pass, no double backward; exact) or
             `"reference"` (the paper's double backward through the virtual step; the test oracle).
@@ -76,6 +79,9 @@ class MLCTrainingArguments(TrainingArguments):
     )
     meta_update_interval: int = field(
         default=1, metadata={"help": "Run the meta step every N optimizer steps (1 = every step)."}
+    )
+    meta_lr_follows_schedule: bool = field(
+        default=True, metadata={"help": "Scale the corrector's learning rate by the main learning-rate schedule."}
     )
     meta_gradient: str = field(
         default="jvp",

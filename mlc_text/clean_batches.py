@@ -1,0 +1,73 @@
+"""An endless, seeded, epoch-shuffled stream of clean batches, sharded across processes, with a resumable position."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["CleanBatchIterator"]
+
+
+class CleanBatchIterator:
+    """
+    Yields clean batches forever. Each pass over the clean set is a fresh permutation drawn from `(seed, epoch)`;
+    on `num_processes` processes, each global batch of `batch_size * num_processes` rows is split so that rank `r`
+    gets the `r`-th slice: no row is seen twice in one global batch, and the union over ranks is the batch that a
+    single process with `batch_size * num_processes` would see.
+
+    Args:
+        dataset: a sized, indexable dataset of feature dicts (a tokenized `datasets.Dataset`).
+        collate_fn: turns a list of rows into a batch (e.g. `DataCollatorWithPadding`).
+        batch_size: rows per batch on this process.
+        seed: seed of the permutations.
+        process_index / num_processes: this process's rank and the world size.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict[str, Any]],
+        collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        global_batch = batch_size * num_processes
+        if len(dataset) == 0:
+            raise ValueError("the clean dataset is empty: MLC needs trusted rows (num_clean_per_class >= 1)")
+        if global_batch > len(dataset):
+            raise ValueError(
+                f"clean_batch_size x processes = {global_batch} exceeds the {len(dataset)} clean rows; "
+                f"use clean_batch_size <= {len(dataset) // num_processes}"
+            )
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.batch_size, self.seed = batch_size, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def __iter__(self) -> CleanBatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        global_batch = self.batch_size * self.num_processes
+        if self.position + global_batch > len(self._order):  # drop the ragged tail; start the next epoch
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = self.position + self.process_index * self.batch_size
+        rows = [self.dataset[index] for index in self._order[start : start + self.batch_size]]
+        self.position += global_batch
+        return self.collate_fn(rows)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)

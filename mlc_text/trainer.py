@@ -1,0 +1,324 @@
+"""`MLCTrainer`: Meta Label Correction as a `transformers.Trainer`. Orchestration only; the maths is in meta_grad.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .clean_batches import CleanBatchIterator
+from .config import MLCTrainingArguments
+from .meta_grad import (
+    LookaheadBuffer,
+    MetaBatch,
+    MetaStepOutput,
+    check_optimizer,
+    corrected_label_step,
+    meta_step,
+    trainable_parameters,
+)
+from .meta_net import LabelCorrector, capture_head_features, feature_size_of, find_head_module
+from .metrics import correction_stats
+
+__all__ = ["MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_NAMES", "check_parallelism"]
+
+logger = logging.getLogger(__name__)
+
+MLC_STATE_NAME = "mlc_state.pt"
+SUPPORTED_OPTIM_NAMES = ("adamw_torch", "adamw_torch_fused", "sgd")
+
+
+def check_parallelism(args) -> None:
+    """
+    Refuses set-ups where the virtual step would be wrong: parameters sharded across processes (FSDP, DeepSpeed
+    ZeRO-3) and fp16 loss scaling of the hand-computed gradients.
+    """
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            f"MLC does not support FSDP (fsdp={args.fsdp!r}): the virtual step needs whole parameters. "
+            "Supported: one process, or DDP (`accelerate launch --multi_gpu`)."
+        )
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(
+            f"MLC does not support DeepSpeed (deepspeed={args.deepspeed!r}) yet: its sharded or fused optimizers hide "
+            "the state the virtual step reads. Supported: one process, or DDP (`accelerate launch --multi_gpu`)."
+        )
+    if args.fp16:
+        raise ValueError(
+            "MLC does not support fp16 (fp16=True): loss scaling of the hand-computed gradients is not implemented. "
+            "Use bf16=True (GPUs with bf16, and CPUs) or full precision."
+        )
+
+
+class MLCTrainer(Trainer):
+    """
+    Trains a sequence classifier on noisy labels with Meta Label Correction (Zheng et al., AAAI 2021).
+
+    Each training step draws a noisy batch (from `train_dataset`, whose `label` column holds the noisy labels and an
+    optional `true_label` column the true ones, for evaluation only) and a clean batch (from `clean_dataset`, true
+    labels in `label`), then: main loss at w against the corrector's labels (plus the clean batch), a virtual step
+    w', the clean loss at w' and its meta-gradient, which updates the corrector, and finally the real step of w.
+
+    Args:
+        model: an `AutoModelForSequenceClassification` whose head reads a pooled vector (BERT, MiniLM, DistilBERT,
+            RoBERTa, ELECTRA, DeBERTa).
+        args: [`MLCTrainingArguments`].
+        train_dataset: the noisy rows, tokenized.
+        clean_dataset: the trusted rows, tokenized.
+        corrector: a [`LabelCorrector`] (or any module with the same call signature); built from `args` if `None`.
+        **kwargs: everything else `transformers.Trainer` takes.
+    """
+
+    _tag_names = ["mlc-text", "meta-label-correction", "noisy-labels"]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MLCTrainingArguments,
+        train_dataset=None,
+        clean_dataset=None,
+        eval_dataset=None,
+        corrector: nn.Module | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, MLCTrainingArguments):
+            raise TypeError(f"args must be MLCTrainingArguments, got {type(args).__name__}")
+        check_parallelism(args)
+        if kwargs.get("optimizers", (None, None))[0] is None and args.optim not in SUPPORTED_OPTIM_NAMES:
+            raise ValueError(
+                f"MLC's virtual step supports optim in {', '.join(SUPPORTED_OPTIM_NAMES)}, got optim={args.optim!r}"
+            )
+        if clean_dataset is None or len(clean_dataset) == 0:
+            raise ValueError("MLCTrainer needs a non-empty clean_dataset (the trusted rows with true labels)")
+        self.head = self.head_module(model)  # before any work: a model without a known head fails here
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
+        # gradient accumulation; our losses are plain means.
+        self.model_accepts_loss_kwargs = False
+        num_labels = model.config.num_labels
+        self.corrector = (corrector or self._build_corrector(model, num_labels)).to(args.device)
+        self.meta_optimizer = torch.optim.Adam(
+            self.corrector.parameters(), lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay, amsgrad=True
+        )
+        self.lookahead = LookaheadBuffer(args.gradient_steps)
+        self._warn_missing_classes(clean_dataset, num_labels)
+        clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
+        self.clean_batches = CleanBatchIterator(
+            clean_dataset, self.data_collator, args.clean_batch_size, args.seed, args.process_index, args.world_size
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list)}
+        self._pending_meta_grads: list[torch.Tensor] | None = None
+        self._pending_gamma: torch.Tensor | float | None = None
+
+    # ----------------------------------------------------------------------------------------------- set-up hooks
+    def head_module(self, model: nn.Module) -> nn.Module:
+        """The module whose input holds the features the corrector reads. Override for other architectures."""
+        return find_head_module(model)
+
+    def _build_corrector(self, model: nn.Module, num_labels: int) -> LabelCorrector:
+        with torch.random.fork_rng():  # same weights on every process, and the global RNG stream is left alone
+            torch.manual_seed(self.args.seed)
+            return LabelCorrector(
+                num_labels,
+                feature_size_of(model),
+                hidden_size=self.args.meta_hidden_size,
+                label_embedding_size=self.args.label_embedding_size,
+                skip_connection=self.args.skip_connection,
+            )
+
+    def _warn_missing_classes(self, clean_dataset, num_labels: int) -> None:
+        column = "label" if "label" in clean_dataset.column_names else "labels"
+        missing = sorted(set(range(num_labels)) - set(int(label) for label in clean_dataset[column]))
+        id2label = getattr(self.model.config, "id2label", {}) or {}
+        for label in missing:
+            logger.warning(
+                f"the clean set has no row of class {label} ({id2label.get(label, label)}): the meta objective "
+                "cannot teach the corrector about it"
+            )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # Keep the true labels of noisy rows: they feed the correction metrics, never the loss.
+        if "true_label" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "true_label"]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        check_optimizer(optimizer)
+        return optimizer
+
+    # ---------------------------------------------------------------------------------------------- the step
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        self.corrector.train()
+        inputs = self._prepare_inputs(inputs)
+        true_labels = inputs.pop("true_label", None)
+        noisy_labels = inputs.pop("labels")
+        clean_inputs = self._prepare_inputs(next(self.clean_batches))
+        clean_inputs.pop("true_label", None)
+        batch = MetaBatch(inputs, noisy_labels, clean_inputs, clean_inputs.pop("labels"))
+        unwrapped = self.accelerator.unwrap_model(model)
+        common = {
+            "clean_in_main_loss": self.args.clean_in_main_loss,
+            "reduce": self._all_reduce_mean if self.accelerator.num_processes > 1 else None,
+            "autocast": self.compute_loss_context_manager,
+        }
+        if self.state.global_step % self.args.meta_update_interval == 0:
+            out = meta_step(
+                unwrapped,
+                self.corrector,
+                self.head,
+                batch,
+                self.optimizer,
+                meta_gradient=self.args.meta_gradient,
+                lookahead=self.lookahead,
+                **common,
+            )
+            self._accumulate_meta_grads(out)
+        else:
+            out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
+        self._accumulate_main_grads(unwrapped, out)
+        self._record(out, noisy_labels, true_labels)
+        if self.accelerator.sync_gradients:
+            self._meta_optimizer_step()
+        return out.main_loss.to(self.args.device) / self.current_gradient_accumulation_steps
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        # Hand-computed gradients bypass DDP's hooks: average them here, once, as one flat buffer.
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+    def _accumulate_main_grads(self, model: nn.Module, out: MetaStepOutput) -> None:
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        for name, param in trainable_parameters(model).items():
+            grad = out.main_grads[name].to(param.dtype) * scale
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+    def _accumulate_meta_grads(self, out: MetaStepOutput) -> None:
+        # Micro-batches of one optimizer step average their meta-gradients (and discounts), like the main net.
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        grads = [grad * scale for grad in out.meta_grads]
+        gamma = None if out.gamma is None else out.gamma * scale
+        if self._pending_meta_grads is None:
+            self._pending_meta_grads, self._pending_gamma = grads, gamma
+        else:
+            self._pending_meta_grads = [a + b for a, b in zip(self._pending_meta_grads, grads)]
+            if gamma is not None:
+                self._pending_gamma = self._pending_gamma + gamma
+
+    def _meta_optimizer_step(self) -> None:
+        if self._pending_meta_grads is None:
+            return
+        total = self.lookahead.accumulate(self._pending_meta_grads, self._pending_gamma)
+        self._pending_meta_grads, self._pending_gamma = None, None
+        self._metrics["train"]["meta_grad_norm"].append(torch.sqrt(sum(g.square().sum() for g in total)).item())
+        if self.lookahead.should_step:
+            self._follow_main_schedule()
+            params = [param for param in self.corrector.parameters() if param.requires_grad]
+            for param, grad in zip(params, total):
+                param.grad = grad.to(param.dtype)
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+
+    def _follow_main_schedule(self) -> None:
+        # The meta-gradient scales with the main learning rate; Adam would undo that and random-walk the corrector
+        # once the main schedule has decayed, so its learning rate follows the same schedule.
+        if not self.args.meta_lr_follows_schedule or not self.args.learning_rate:
+            return
+        factor = self._get_learning_rate() / self.args.learning_rate
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = self.args.meta_learning_rate * factor
+
+    # -------------------------------------------------------------------------------------------- metrics
+    def _record(self, out: MetaStepOutput, noisy_labels: torch.Tensor, true_labels: torch.Tensor | None) -> None:
+        metrics = self._metrics["train"]
+        if not torch.isnan(out.clean_loss):
+            metrics["clean_loss"].append(self.accelerator.gather_for_metrics(out.clean_loss.reshape(1)).mean().item())
+        if true_labels is None:
+            true_labels = torch.full_like(noisy_labels, -1)
+        corrected, noisy, true = self.accelerator.gather_for_metrics((out.corrected_labels, noisy_labels, true_labels))
+        stats = correction_stats(corrected.float().cpu(), noisy.cpu(), true.cpu())
+        for key in ("mean_entropy", "correction_accuracy", "fixed_share", "agreement_with_noisy"):
+            value = stats.get(key)
+            if value is not None and not np.isnan(value):
+                metrics[key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the means of what was recorded since the last one
+            for key, values in self._metrics["train"].items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._metrics["train"].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = dict(inputs)
+        inputs.pop("true_label", None)  # evaluation data may carry it; the model must not see it
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    @torch.no_grad()
+    def correct_labels(self, dataset) -> dict[str, np.ndarray]:
+        """
+        Runs the main net (eval mode) and the corrector over `dataset` (tokenized, noisy `label`, optional
+        `true_label`).
+
+        Returns:
+            `dict` with `corrected` (N x K soft labels), `noisy_labels` and `true_labels` (-1 where unknown).
+        """
+        self.model.eval()
+        self.corrector.eval()
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for inputs in self.get_test_dataloader(dataset):
+            inputs = self._prepare_inputs(inputs)
+            noisy = inputs.pop("labels")
+            true = inputs.pop("true_label", torch.full_like(noisy, -1))
+            with self.compute_loss_context_manager(), capture_head_features(self.head) as store:
+                self.model(**inputs)
+            corrected = self.corrector(store["features"], noisy)
+            for key, value in zip(("corrected", "noisy_labels", "true_labels"), (corrected, noisy, true)):
+                parts[key].append(self.accelerator.gather_for_metrics(value).float().cpu())
+        return {key: torch.cat(values).numpy() for key, values in parts.items()}
+
+    # ----------------------------------------------------------------------------------- saving and resuming
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self.corrector.save_pretrained(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {
+            "corrector": self.corrector.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "clean_batches": self.clean_batches.state_dict(),
+            "lookahead": self.lookahead.state_dict(),
+        }
+        torch.save(state, os.path.join(checkpoint, MLC_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, MLC_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{checkpoint!r} has no {MLC_STATE_NAME}: it was not written by MLCTrainer")
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        self.corrector.load_state_dict(state["corrector"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.clean_batches.load_state_dict(state["clean_batches"])
+        self.lookahead.load_state_dict(state["lookahead"])

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2ForSequenceClassification, default_data_collator
+
+from mlc_text.config import MLCTrainingArguments
+from mlc_text.meta_net import CORRECTOR_WEIGHTS_NAME, LabelCorrector
+from mlc_text.trainer import MLC_STATE_NAME, MLCTrainer, check_parallelism
+
+from .conftest import VOCAB_SIZE, tiny_bert
+
+NUM_LABELS = 3
+LENGTH = 8
+
+
+def separable_rows(num_rows: int, noise_rate: float, seed: int) -> dict[str, list]:
+    """Class c texts use tokens from a band of the vocabulary that is c's own; labels flipped uniformly at random."""
+    rng = np.random.default_rng(seed)
+    band = (VOCAB_SIZE - 10) // NUM_LABELS
+    true = rng.integers(0, NUM_LABELS, num_rows)
+    input_ids = [list(10 + c * band + rng.integers(0, band, LENGTH)) for c in true]
+    flip = rng.random(num_rows) < noise_rate
+    noisy = np.where(flip, rng.integers(0, NUM_LABELS, num_rows), true)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [[1] * LENGTH] * num_rows,
+        "label": noisy.tolist(),
+        "true_label": true.tolist(),
+    }
+
+
+def datasets(num_noisy=96, num_clean=24, noise_rate=0.4, seed=0):
+    noisy = Dataset.from_dict(separable_rows(num_noisy, noise_rate, seed))
+    clean_rows = separable_rows(num_clean, 0.0, seed + 1)
+    return noisy, Dataset.from_dict(clean_rows)
+
+
+def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, trainer_class=MLCTrainer, **overrides):
+    if noisy is None:
+        noisy, clean = datasets()
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "meta_learning_rate": 1e-3,
+        "max_steps": 6,
+        "report_to": "none",
+        "use_cpu": True,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "seed": 0,
+        "meta_hidden_size": 16,
+        "label_embedding_size": 8,
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    args = MLCTrainingArguments(**settings)
+    return trainer_class(
+        model=model if model is not None else tiny_bert(NUM_LABELS, dropout=0.1),
+        args=args,
+        train_dataset=noisy,
+        clean_dataset=clean,
+        corrector=corrector,
+        data_collator=default_data_collator,
+    )
+
+
+def test_training_changes_both_nets_and_logs(tmp_path):
+    trainer = make_trainer(tmp_path)
+    main_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    corrector_before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in main_before.items())
+    assert any(not torch.equal(v, trainer.corrector.state_dict()[k]) for k, v in corrector_before.items())
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("clean_loss", "meta_grad_norm", "mean_entropy", "correction_accuracy", "fixed_share"):
+        assert key in logged[-1], key
+
+
+def test_loss_falls_and_correction_beats_noisy_labels(tmp_path):
+    noisy, clean = datasets(num_noisy=320, num_clean=60, noise_rate=0.4)
+    trainer = make_trainer(
+        tmp_path,
+        noisy=noisy,
+        clean=clean,
+        max_steps=-1,
+        num_train_epochs=3,
+        learning_rate=2e-3,
+        meta_learning_rate=1e-2,
+        per_device_train_batch_size=16,
+        logging_steps=10,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.8 * losses[0], losses
+    result = trainer.correct_labels(noisy)
+    corrected = result["corrected"].argmax(-1)
+    noisy_accuracy = (result["noisy_labels"] == result["true_labels"]).mean()
+    correction_accuracy = (corrected == result["true_labels"]).mean()
+    assert noisy_accuracy < 0.75
+    assert correction_accuracy > noisy_accuracy + 0.05, (correction_accuracy, noisy_accuracy)
+
+
+class RecordingTrainer(MLCTrainer):
+    """Keeps a copy of each meta-gradient the trainer hands to the look-ahead buffer."""
+
+    def _meta_optimizer_step(self):
+        if self._pending_meta_grads is not None:
+            self.recorded = getattr(self, "recorded", []) + [[g.clone() for g in self._pending_meta_grads]]
+        super()._meta_optimizer_step()
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+@pytest.mark.parametrize("gradient_steps", [1, 3])
+def test_trainer_meta_gradient_matches_reference(tmp_path, optim, gradient_steps):
+    recorded = {}
+    for path in ("reference", "jvp"):
+        model = tiny_bert(NUM_LABELS, dropout=0.0).double()
+        corrector = LabelCorrector(NUM_LABELS, 32, hidden_size=16, label_embedding_size=8).double()
+        trainer = make_trainer(
+            tmp_path / path,
+            model=model,
+            corrector=corrector,
+            trainer_class=RecordingTrainer,
+            optim=optim,
+            meta_gradient=path,
+            gradient_steps=gradient_steps,
+            max_steps=3,
+            learning_rate=0.05,
+        )
+        trainer.train()
+        recorded[path] = trainer.recorded
+    assert len(recorded["jvp"]) == 3
+    for step_ref, step_jvp in zip(recorded["reference"], recorded["jvp"]):
+        ref = torch.cat([g.flatten() for g in step_ref])
+        jvp = torch.cat([g.flatten() for g in step_jvp])
+        assert ((jvp - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=12)
+    full.train()
+    first = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6)
+    first.train()  # writes checkpoint-6 and checkpoint-12
+    checkpoint = tmp_path / "resumed" / "checkpoint-6"
+    assert (checkpoint / MLC_STATE_NAME).is_file() and (checkpoint / CORRECTOR_WEIGHTS_NAME).is_file()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6)
+    with torch.no_grad():  # scramble both nets: only the checkpoint may bring them back
+        for param in list(resumed.model.parameters()) + list(resumed.corrector.parameters()):
+            param.add_(1.0)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, expected), actual in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+    for (name, expected), actual in zip(full.corrector.state_dict().items(), resumed.corrector.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_saved_model_loads_without_mlc_text(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / CORRECTOR_WEIGHTS_NAME).is_file()
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'final')!r})\n"
+        "assert 'mlc_text' not in sys.modules\n"
+        "print(type(model).__name__, model.config.num_labels)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["BertForSequenceClassification", str(NUM_LABELS)]
+    reloaded = LabelCorrector.from_pretrained(str(tmp_path / "final"))
+    for key, value in trainer.corrector.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value.cpu())
+
+
+def test_unsupported_optimizer_fails_at_start(tmp_path):
+    with pytest.raises(ValueError, match="adafactor"):
+        make_trainer(tmp_path, optim="adafactor")
+
+
+def test_model_without_known_head_fails_at_start(tmp_path):
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=1, n_head=2, num_labels=NUM_LABELS, pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot find the classification head of GPT2ForSequenceClassification"):
+        make_trainer(tmp_path, model=GPT2ForSequenceClassification(config))
+
+
+def test_clean_set_missing_a_class_warns(tmp_path, caplog):
+    noisy, clean = datasets()
+    clean = clean.filter(lambda row: row["label"] != 2)
+    with caplog.at_level(logging.WARNING, logger="mlc_text.trainer"):
+        make_trainer(tmp_path, noisy=noisy, clean=clean)
+    assert "no row of class 2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"meta_gradient": "hessian"}, "meta_gradient must be one of jvp, reference, got 'hessian'"),
+        ({"gradient_steps": 0}, "gradient_steps must be an integer >= 1, got 0"),
+        ({"meta_update_interval": 0}, "meta_update_interval must be an integer >= 1, got 0"),
+        ({"method": "coteaching"}, "method must be one of"),
+        ({"meta_learning_rate": 0.0}, "meta_learning_rate must be > 0, got 0.0"),
+    ],
+)
+def test_bad_settings_fail_early(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **setting)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"fp16": True}, "does not support fp16"),
+        ({"fsdp": "full_shard"}, "does not support FSDP"),
+        ({"deepspeed": "ds.json"}, "does not support DeepSpeed"),
+    ],
+)
+def test_unsupported_parallelism_is_refused(setting, message):
+    args = SimpleNamespace(**{"fp16": False, "fsdp": "", "deepspeed": None, **setting})
+    with pytest.raises(ValueError, match=message):
+        check_parallelism(args)
