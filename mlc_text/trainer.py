@@ -27,7 +27,7 @@ from .meta_grad import (
 from .meta_net import LabelCorrector, capture_head_features, feature_size_of, find_head_module
 from .metrics import correction_stats
 
-__all__ = ["MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_NAMES", "check_parallelism"]
+__all__ = ["CleanDataTrainer", "MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_NAMES", "check_parallelism"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,132 @@ def check_parallelism(args) -> None:
         )
 
 
-class MLCTrainer(Trainer):
+class CleanDataTrainer(Trainer):
+    """
+    A `Trainer` that draws a clean (trusted) batch beside each noisy batch and applies gradients it computes by hand:
+    the common ground of [`MLCTrainer`] and the L2RW baseline. Subclasses implement `training_step` with
+    [`~CleanDataTrainer.next_clean_batch`], [`~CleanDataTrainer.accumulate_main_grads`] and
+    [`~CleanDataTrainer.all_reduce_mean`]; checkpoints keep the clean stream's position plus `extra_state()`.
+
+    Args:
+        model: a sequence classifier.
+        args: [`MLCTrainingArguments`].
+        train_dataset: the noisy rows, tokenized (`label` = noisy label; optional `true_label`, never trained on).
+        clean_dataset: the trusted rows, tokenized (`label` = true label).
+        **kwargs: everything else `transformers.Trainer` takes.
+    """
+
+    def __init__(self, model: nn.Module, args: MLCTrainingArguments, train_dataset=None, clean_dataset=None, **kwargs):
+        if not isinstance(args, MLCTrainingArguments):
+            raise TypeError(f"args must be MLCTrainingArguments, got {type(args).__name__}")
+        check_parallelism(args)
+        if kwargs.get("optimizers", (None, None))[0] is None and args.optim not in SUPPORTED_OPTIM_NAMES:
+            raise ValueError(
+                f"the virtual step supports optim in {', '.join(SUPPORTED_OPTIM_NAMES)}, got optim={args.optim!r}"
+            )
+        if clean_dataset is None or len(clean_dataset) == 0:
+            raise ValueError(f"{type(self).__name__} needs a non-empty clean_dataset (trusted rows with true labels)")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
+        # gradient accumulation; our losses are plain means.
+        self.model_accepts_loss_kwargs = False
+        self._warn_missing_classes(clean_dataset, model.config.num_labels)
+        clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
+        self.clean_batches = CleanBatchIterator(
+            clean_dataset, self.data_collator, args.clean_batch_size, args.seed, args.process_index, args.world_size
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list)}
+
+    def _warn_missing_classes(self, clean_dataset, num_labels: int) -> None:
+        column = "label" if "label" in clean_dataset.column_names else "labels"
+        missing = sorted(set(range(num_labels)) - set(int(label) for label in clean_dataset[column]))
+        id2label = getattr(self.model.config, "id2label", {}) or {}
+        for label in missing:
+            logger.warning(
+                f"the clean set has no row of class {label} ({id2label.get(label, label)}): the meta objective "
+                "cannot teach the corrector about it"
+            )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # Keep the true labels of noisy rows: they feed the correction metrics, never the loss.
+        if "true_label" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "true_label"]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        check_optimizer(optimizer)
+        return optimizer
+
+    def next_clean_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The next clean batch on this process: `(model inputs, true labels)`."""
+        clean_inputs = self._prepare_inputs(next(self.clean_batches))
+        clean_inputs.pop("true_label", None)
+        return clean_inputs, clean_inputs.pop("labels")
+
+    @property
+    def reduce(self):
+        """`all_reduce_mean` on several processes, else `None` (what the functions of meta_grad.py take)."""
+        return self.all_reduce_mean if self.accelerator.num_processes > 1 else None
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Averages `tensors` in place across processes."""
+        # Hand-computed gradients bypass DDP's hooks: average them here, once, as one flat buffer.
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+    def accumulate_main_grads(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+        """Adds hand-computed gradients (already averaged across processes) to `.grad` for the real step."""
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        for name, param in trainable_parameters(model).items():
+            grad = grads[name].to(param.dtype) * scale
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the means of what was recorded since the last one
+            for key, values in self._metrics["train"].items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._metrics["train"].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = dict(inputs)
+        inputs.pop("true_label", None)  # evaluation data may carry it; the model must not see it
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the Trainer's own files; subclasses add to it."""
+        return {"clean_batches": self.clean_batches.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.clean_batches.load_state_dict(state["clean_batches"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        torch.save(self.extra_state(), os.path.join(checkpoint, MLC_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, MLC_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint!r} has no {MLC_STATE_NAME}: it was not written by {type(self).__name__}"
+            )
+        self.load_extra_state(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+class MLCTrainer(CleanDataTrainer):
     """
     Trains a sequence classifier on noisy labels with Meta Label Correction (Zheng et al., AAAI 2021).
 
@@ -84,36 +209,16 @@ class MLCTrainer(Trainer):
         args: MLCTrainingArguments,
         train_dataset=None,
         clean_dataset=None,
-        eval_dataset=None,
         corrector: nn.Module | None = None,
         **kwargs,
     ):
-        if not isinstance(args, MLCTrainingArguments):
-            raise TypeError(f"args must be MLCTrainingArguments, got {type(args).__name__}")
-        check_parallelism(args)
-        if kwargs.get("optimizers", (None, None))[0] is None and args.optim not in SUPPORTED_OPTIM_NAMES:
-            raise ValueError(
-                f"MLC's virtual step supports optim in {', '.join(SUPPORTED_OPTIM_NAMES)}, got optim={args.optim!r}"
-            )
-        if clean_dataset is None or len(clean_dataset) == 0:
-            raise ValueError("MLCTrainer needs a non-empty clean_dataset (the trusted rows with true labels)")
         self.head = self.head_module(model)  # before any work: a model without a known head fails here
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
-        # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
-        # gradient accumulation; our losses are plain means.
-        self.model_accepts_loss_kwargs = False
-        num_labels = model.config.num_labels
-        self.corrector = (corrector or self._build_corrector(model, num_labels)).to(args.device)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
+        self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
             self.corrector.parameters(), lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay, amsgrad=True
         )
         self.lookahead = LookaheadBuffer(args.gradient_steps)
-        self._warn_missing_classes(clean_dataset, num_labels)
-        clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
-        self.clean_batches = CleanBatchIterator(
-            clean_dataset, self.data_collator, args.clean_batch_size, args.seed, args.process_index, args.world_size
-        )
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list)}
         self._pending_meta_grads: list[torch.Tensor] | None = None
         self._pending_gamma: torch.Tensor | float | None = None
 
@@ -133,27 +238,6 @@ class MLCTrainer(Trainer):
                 skip_connection=self.args.skip_connection,
             )
 
-    def _warn_missing_classes(self, clean_dataset, num_labels: int) -> None:
-        column = "label" if "label" in clean_dataset.column_names else "labels"
-        missing = sorted(set(range(num_labels)) - set(int(label) for label in clean_dataset[column]))
-        id2label = getattr(self.model.config, "id2label", {}) or {}
-        for label in missing:
-            logger.warning(
-                f"the clean set has no row of class {label} ({id2label.get(label, label)}): the meta objective "
-                "cannot teach the corrector about it"
-            )
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        # Keep the true labels of noisy rows: they feed the correction metrics, never the loss.
-        if "true_label" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "true_label"]
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        check_optimizer(optimizer)
-        return optimizer
-
     # ---------------------------------------------------------------------------------------------- the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -161,13 +245,11 @@ class MLCTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         true_labels = inputs.pop("true_label", None)
         noisy_labels = inputs.pop("labels")
-        clean_inputs = self._prepare_inputs(next(self.clean_batches))
-        clean_inputs.pop("true_label", None)
-        batch = MetaBatch(inputs, noisy_labels, clean_inputs, clean_inputs.pop("labels"))
+        batch = MetaBatch(inputs, noisy_labels, *self.next_clean_batch())
         unwrapped = self.accelerator.unwrap_model(model)
         common = {
             "clean_in_main_loss": self.args.clean_in_main_loss,
-            "reduce": self._all_reduce_mean if self.accelerator.num_processes > 1 else None,
+            "reduce": self.reduce,
             "autocast": self.compute_loss_context_manager,
         }
         if self.state.global_step % self.args.meta_update_interval == 0:
@@ -184,27 +266,11 @@ class MLCTrainer(Trainer):
             self._accumulate_meta_grads(out)
         else:
             out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
-        self._accumulate_main_grads(unwrapped, out)
+        self.accumulate_main_grads(unwrapped, out.main_grads)
         self._record(out, noisy_labels, true_labels)
         if self.accelerator.sync_gradients:
             self._meta_optimizer_step()
         return out.main_loss.to(self.args.device) / self.current_gradient_accumulation_steps
-
-    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
-        # Hand-computed gradients bypass DDP's hooks: average them here, once, as one flat buffer.
-        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
-        torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for tensor in tensors:
-            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-            offset += tensor.numel()
-
-    def _accumulate_main_grads(self, model: nn.Module, out: MetaStepOutput) -> None:
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        for name, param in trainable_parameters(model).items():
-            grad = out.main_grads[name].to(param.dtype) * scale
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     def _accumulate_meta_grads(self, out: MetaStepOutput) -> None:
         # Micro-batches of one optimizer step average their meta-gradients (and discounts), like the main net.
@@ -255,19 +321,6 @@ class MLCTrainer(Trainer):
             if value is not None and not np.isnan(value):
                 metrics[key].append(float(value))
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the means of what was recorded since the last one
-            for key, values in self._metrics["train"].items():
-                if values:
-                    logs[key] = sum(values) / len(values)
-            self._metrics["train"].clear()
-        super().log(logs, start_time)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = dict(inputs)
-        inputs.pop("true_label", None)  # evaluation data may carry it; the model must not see it
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
     @torch.no_grad()
     def correct_labels(self, dataset) -> dict[str, np.ndarray]:
         """
@@ -297,28 +350,16 @@ class MLCTrainer(Trainer):
         if self.args.should_save:
             self.corrector.save_pretrained(output_dir or self.args.output_dir)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        state = {
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            **super().extra_state(),
             "corrector": self.corrector.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "clean_batches": self.clean_batches.state_dict(),
             "lookahead": self.lookahead.state_dict(),
         }
-        torch.save(state, os.path.join(checkpoint, MLC_STATE_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, MLC_STATE_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{checkpoint!r} has no {MLC_STATE_NAME}: it was not written by MLCTrainer")
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.corrector.load_state_dict(state["corrector"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self.clean_batches.load_state_dict(state["clean_batches"])
         self.lookahead.load_state_dict(state["lookahead"])
