@@ -49,6 +49,8 @@ __all__ = [
     "MetaBatch",
     "MetaStepOutput",
     "meta_step",
+    "corrected_label_step",
+    "l2rw_weights",
 ]
 
 ParamDict = dict[str, torch.Tensor]
@@ -178,9 +180,11 @@ def loss_and_grads(
     labels: torch.Tensor,
     params: dict[str, torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ParamDict]:
     """
-    Cross-entropy of `model` on a labelled batch and its gradient, at the model's own weights or at `params`.
+    Cross-entropy of `model` on a labelled batch and its gradient, at the model's own weights or at `params`: the
+    mean over rows, or `sum_i weights_i * loss_i` when per-row `weights` are given.
 
     Returns:
         `(loss, grads)`: the detached mean loss and the detached gradient by parameter name.
@@ -193,7 +197,11 @@ def loss_and_grads(
         leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
         with autocast():
             logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
-    loss = nn.functional.cross_entropy(_upcast(logits), labels)
+    if weights is None:
+        loss = nn.functional.cross_entropy(_upcast(logits), labels)
+    else:
+        losses = nn.functional.cross_entropy(_upcast(logits), labels, reduction="none")
+        loss = (weights.to(losses.dtype) * losses).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return loss.detach(), _named(leaves, grads)
 
@@ -228,23 +236,30 @@ def logits_jvp(
     inputs: dict[str, torch.Tensor],
     tangents: ParamDict,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> torch.Tensor:
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """
-    Directional derivative of the batch's logits along `tangents`: (dz/dw) v, by one forward-mode pass.
+    Directional derivative of the batch's logits along `tangents`: (dz/dw) v, by one forward-mode pass. With
+    `return_logits`, also the logits z themselves (the same pass computes them): `(logits, directional)`.
 
     Attention runs on SDPA's math backend here: the fused CPU kernels have no forward-mode derivative.
     """
     names = list(params)
     primals = tuple(params[name].detach() for name in names)
+    # The product is linear in the tangent: run it at unit norm, so that tiny steps (learning rate x gradient)
+    # neither underflow in half precision nor lose bits, and scale back afterwards.
+    norm = torch.sqrt(sum(tangents[name].float().square().sum() for name in names))
+    if norm == 0:
+        norm = torch.ones_like(norm)  # zero tangent: the product is zero either way
 
     def logits_at(*values):
         return functional_call(model, dict(zip(names, values)), args=(), kwargs=inputs).logits
 
     with sdpa_kernel([SDPBackend.MATH]), autocast():
-        _, tangent_out = torch.func.jvp(
-            logits_at, primals, tuple(tangents[name].to(value.dtype) for name, value in zip(names, primals))
+        logits, tangent_out = torch.func.jvp(
+            logits_at, primals, tuple((tangents[name] / norm).to(value.dtype) for name, value in zip(names, primals))
         )
-    return tangent_out
+    return (logits, tangent_out * norm) if return_logits else tangent_out * norm
 
 
 def discount_factor(clean_grads: ParamDict, clean_grads_virtual: ParamDict, virtual_lr: dict) -> torch.Tensor:
@@ -334,6 +349,68 @@ def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
         reduce(list(grads.values()))
 
 
+@dataclass
+class _MainPass:
+    params: dict[str, nn.Parameter]
+    noisy_grads: ParamDict  # the noisy part's gradient, with a graph to the corrector when asked
+    main_grads: ParamDict
+    main_loss: torch.Tensor
+    clean_grads: ParamDict | None
+    corrected: torch.Tensor
+    noisy_weight: float
+
+
+def _main_loss_and_grads(
+    model, corrector, head, batch: MetaBatch, clean_in_main_loss, need_clean_grads, create_graph, autocast
+) -> _MainPass:
+    """Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels), and grads."""
+    params = trainable_parameters(model)
+    # Double backward needs attention on SDPA's math backend: the fused CPU kernels have no second derivative.
+    attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
+    with attention, autocast(), capture_head_features(head) as store:
+        noisy_logits = model(**batch.noisy_inputs).logits
+    corrected = corrector(store["features"], batch.noisy_labels)
+    noisy_loss = soft_cross_entropy(noisy_logits, corrected if create_graph else corrected.detach())
+
+    num_noisy, num_clean = len(batch.noisy_labels), len(batch.clean_labels)
+    noisy_weight = num_noisy / (num_noisy + num_clean) if clean_in_main_loss else 1.0
+    grads = torch.autograd.grad(
+        noisy_weight * noisy_loss, list(params.values()), create_graph=create_graph, allow_unused=True
+    )
+    noisy_grads = _named(params, grads)
+    main_grads = {name: grad.detach() for name, grad in noisy_grads.items()}
+    main_loss = noisy_weight * noisy_loss.detach()
+    clean_grads = None
+    if clean_in_main_loss or need_clean_grads:
+        clean_loss_at_w, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, autocast=autocast)
+        if clean_in_main_loss:
+            main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
+            main_grads = {name: grad + (1 - noisy_weight) * clean_grads[name] for name, grad in main_grads.items()}
+    return _MainPass(params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight)
+
+
+def corrected_label_step(
+    model: nn.Module,
+    corrector: nn.Module,
+    head: nn.Module,
+    batch: MetaBatch,
+    *,
+    clean_in_main_loss: bool = True,
+    reduce: Reduce | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> MetaStepOutput:
+    """
+    The main-net half of a step without the meta step (between meta updates, `meta_update_interval > 1`): the
+    gradient of the main loss against the current corrector's labels. `meta_grads` is empty, `clean_loss` is NaN.
+    """
+    main = _main_loss_and_grads(
+        model, corrector, head, batch, clean_in_main_loss, False, create_graph=False, autocast=autocast
+    )
+    _reduce_dict(reduce, main.main_grads)
+    nan = torch.tensor(float("nan"))
+    return MetaStepOutput(main.main_grads, [], main.main_loss, nan, main.corrected.detach(), None)
+
+
 def meta_step(
     model: nn.Module,
     corrector: nn.Module,
@@ -365,34 +442,12 @@ def meta_step(
     if meta_gradient not in ("jvp", "reference"):
         raise ValueError(f"meta_gradient must be 'jvp' or 'reference', got {meta_gradient!r}")
     reference = meta_gradient == "reference"
-    params = trainable_parameters(model)
-    device = batch.noisy_labels.device
-    rng_before_noisy = _rng_state(device)
-    # Double backward needs attention on SDPA's math backend: the fused CPU kernels have no second derivative.
-    attention = sdpa_kernel([SDPBackend.MATH]) if reference else contextlib.nullcontext()
-    with attention, autocast(), capture_head_features(head) as store:
-        noisy_logits = model(**batch.noisy_inputs).logits
-    corrected = corrector(store["features"], batch.noisy_labels)
-    noisy_loss = soft_cross_entropy(noisy_logits, corrected if reference else corrected.detach())
-
-    num_noisy, num_clean = len(batch.noisy_labels), len(batch.clean_labels)
-    noisy_weight = num_noisy / (num_noisy + num_clean) if clean_in_main_loss else 1.0
-    noisy_grads = _named(
-        params,
-        torch.autograd.grad(
-            noisy_weight * noisy_loss, list(params.values()), create_graph=reference, allow_unused=True
-        ),
-    )
-    main_grads = {name: grad.detach() for name, grad in noisy_grads.items()}
-    main_loss = noisy_weight * noisy_loss.detach()
-
     need_discount = lookahead is not None and lookahead.needs_discount
-    clean_grads = None
-    if clean_in_main_loss or need_discount:
-        clean_loss_at_w, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, autocast=autocast)
-        if clean_in_main_loss:
-            main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
-            main_grads = {name: grad + (1 - noisy_weight) * clean_grads[name] for name, grad in main_grads.items()}
+    rng_before_noisy = _rng_state(batch.noisy_labels.device)
+    main = _main_loss_and_grads(
+        model, corrector, head, batch, clean_in_main_loss, need_discount, create_graph=reference, autocast=autocast
+    )
+    params, main_grads, clean_grads, corrected = main.params, main.main_grads, main.clean_grads, main.corrected
     _reduce_dict(reduce, main_grads)
     _reduce_dict(reduce, clean_grads)
 
@@ -405,16 +460,56 @@ def meta_step(
 
     meta_params = [param for param in corrector.parameters() if param.requires_grad]
     if reference:
-        proxy = -sum((noisy_grads[name] * direction[name]).sum() for name in params)
+        proxy = -sum((main.noisy_grads[name] * direction[name]).sum() for name in params)
         meta_grads = torch.autograd.grad(proxy, meta_params, allow_unused=True)
     else:
         with _replay_rng(rng_before_noisy):
             directional = logits_jvp(model, params, batch.noisy_inputs, direction, autocast=autocast)
-        upstream = (noisy_weight / num_noisy) * directional.to(corrected.dtype)
+        upstream = (main.noisy_weight / len(batch.noisy_labels)) * directional.to(corrected.dtype)
         meta_grads = torch.autograd.grad(corrected, meta_params, grad_outputs=upstream, allow_unused=True)
     meta_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, meta_grads)]
     if reduce is not None:
         reduce(meta_grads)
 
     gamma = discount_factor(clean_grads, clean_grads_virtual, virtual_lr) if need_discount else None
-    return MetaStepOutput(main_grads, meta_grads, main_loss, clean_loss, corrected.detach(), gamma)
+    return MetaStepOutput(main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma)
+
+
+def l2rw_weights(
+    model: nn.Module,
+    batch: MetaBatch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    reduce: Reduce | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Learning to Reweight (Ren et al., 2018) with the same virtual-step machinery: per-example weights of the noisy
+    batch from the gradient of the clean loss after a virtual step on the weighted noisy loss, at weights eps = 0.
+
+    With eps = 0 the virtual step sees a zero gradient, so w' = virtual_step(w, 0) and
+    -dL_clean(w')/deps_i = <dl_i/dw, L g'> = (softmax(z_i) - onehot(y_i)) . (J_i v), v = L g': one forward-mode pass.
+    Weights are the positive part, normalised to sum to 1 over the global batch (all processes).
+
+    Returns:
+        `(weights, clean_loss)`: detached weights of shape `(batch,)` and the clean loss at w'.
+    """
+    params = trainable_parameters(model)
+    zeros = {name: torch.zeros_like(param) for name, param in params.items()}
+    virtual_params, virtual_lr = virtual_step(params, zeros, optimizer)
+    clean_loss, clean_grads_virtual = loss_and_grads(
+        model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast
+    )
+    _reduce_dict(reduce, clean_grads_virtual)
+    direction = {name: virtual_lr[name] * grad for name, grad in clean_grads_virtual.items()}
+    logits, directional = logits_jvp(model, params, batch.noisy_inputs, direction, autocast, return_logits=True)
+    logits = _upcast(logits.detach())
+    residual = torch.softmax(logits, dim=-1) - nn.functional.one_hot(batch.noisy_labels, logits.shape[-1])
+    raw = (residual * directional.to(logits.dtype)).sum(-1).clamp_min(0)
+    # Normalise by the mean over processes of the local sums: averaging the processes' gradients then gives
+    # sum_i w_i dl_i/dw over the global batch with sum_i w_i = 1, as on one process.
+    total = raw.sum().reshape(1)
+    if reduce is not None:
+        reduce([total])
+    weights = raw / total if total.item() > 0 else torch.zeros_like(raw)
+    return weights.detach(), clean_loss

@@ -206,3 +206,24 @@ def test_lookahead_buffer_accumulates_and_resets():
     assert first[0].item() == 1.0 and second[0].item() == 2.5
     with pytest.raises(ValueError, match="gradient_steps must be >= 1, got 0"):
         LookaheadBuffer(0)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_l2rw_weights_match_literal_double_backward(optimizer_name):
+    from mlc_text.meta_grad import l2rw_weights
+
+    model, _, optimizer, batch = make_setup(optimizer_name)
+    weights, _ = l2rw_weights(model, batch, optimizer)
+    # Literal L2RW: eps = 0 requires grad, w'(eps) through a create_graph backward, then d L_clean(w') / d eps.
+    params = trainable_parameters(model)
+    eps = torch.zeros(len(batch.noisy_labels), dtype=torch.float64, requires_grad=True)
+    logits = model(**batch.noisy_inputs).logits
+    losses = torch.nn.functional.cross_entropy(logits, batch.noisy_labels, reduction="none")
+    grads = torch.autograd.grad((eps * losses).sum(), list(params.values()), create_graph=True)
+    virtual_params, _ = virtual_step(params, dict(zip(params, grads)), optimizer)
+    clean_logits = torch.func.functional_call(model, virtual_params, args=(), kwargs=batch.clean_inputs).logits
+    clean_loss = torch.nn.functional.cross_entropy(clean_logits, batch.clean_labels)
+    (eps_grad,) = torch.autograd.grad(clean_loss, eps)
+    raw = (-eps_grad).clamp_min(0)
+    assert raw.sum() > 0 and (raw == 0).sum() < len(raw), "degenerate check: all or no weights positive"
+    torch.testing.assert_close(weights, raw / raw.sum())

@@ -69,8 +69,8 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         args=args,
         train_dataset=noisy,
         clean_dataset=clean,
-        corrector=corrector,
         data_collator=default_data_collator,
+        **({"corrector": corrector} if issubclass(trainer_class, MLCTrainer) else {}),
     )
 
 
