@@ -28,6 +28,8 @@ class MLCTrainingArguments(TrainingArguments):
     Parameters:
         method (`str`, *optional*, defaults to `"mlc"`):
             Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `glc`, `l2rw`, `oracle`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
         meta_learning_rate (`float`, *optional*, defaults to `3e-5`):
             Learning rate of the label corrector's optimizer (Adam with amsgrad, as in the paper's code).
         meta_weight_decay (`float`, *optional*, defaults to `0.0`):
@@ -58,6 +60,9 @@ class MLCTrainingArguments(TrainingArguments):
     method: str = field(
         default="mlc",
         metadata={"help": f"Training method, one of {', '.join(METHODS)}."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
     )
     meta_learning_rate: float = field(default=3e-5, metadata={"help": "Learning rate of the label corrector (Adam)."})
     meta_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the label corrector."})
