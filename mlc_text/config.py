@@ -124,6 +124,8 @@ class ModelArguments:
             offline), a Hub id or a local folder.
         tokenizer_name (`str` or `None`): Tokenizer to use if not the model's own.
         cache_dir (`str` or `None`): Where Hub downloads are cached.
+        ignore_mismatched_sizes (`bool`, defaults to `False`): Replace a classification head whose number of classes
+            differs from the corpus' (e.g. starting from a sentiment model on a 4-class corpus).
     """
 
     model_name_or_path: str = field(
@@ -131,6 +133,9 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a pretrained classification head with another number of classes."}
+    )
 
 
 @dataclass
@@ -154,7 +159,7 @@ class DataArguments:
         validation_size (`int`, defaults to `500`): Rows in the validation split.
         max_length (`int`, defaults to `64`): Tokens per text (>= 8).
         max_train_samples / max_eval_samples / max_test_samples (`int` or `None`): Caps for quick runs.
-        data_seed (`int`, defaults to `42`): Seed of the clean/noisy split.
+        split_seed (`int`, defaults to `42`): Seed of the clean/noisy split.
         overwrite_cache (`bool`): Recompute tokenization caches.
     """
 
@@ -182,7 +187,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on noisy training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation rows."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test rows."})
-    data_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
+    split_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenization caches."})
 
 

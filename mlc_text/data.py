@@ -11,7 +11,7 @@ Columns after [`prepare_corpus`]:
 - `validation`: as `train` when held out of the noisy pool; as `clean` when taken from the clean set or a file.
 - `test`: `text`, `label` (true).
 
-Every random step draws from its own stream of `data_seed` (or `noise_seed`), so the same seeds give byte-identical
+Every random step draws from its own stream of `split_seed` (or `noise_seed`), so the same seeds give byte-identical
 splits and noisy labels.
 """
 
@@ -664,7 +664,7 @@ def _check_data_arguments(data_args: DataArguments) -> None:
     _check_max_length(data_args.max_length)
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         _check_integer(name, getattr(data_args, name), minimum=1, allow_none=True)
-    _check_integer("data_seed", data_args.data_seed, minimum=0)
+    _check_integer("split_seed", data_args.split_seed, minimum=0)
 
 
 def _check_noise_arguments(noise_args: NoiseArguments, num_classes: int | None) -> np.ndarray | None:
@@ -738,7 +738,7 @@ def _clean_validation(clean: Dataset, size: int, data_args: DataArguments, label
             f"validation_size={size} must be smaller than the clean set ({len(clean)} rows) with "
             "validation_source='clean'"
         )
-    seed = _stream_seed(data_args.data_seed, "clean_validation")
+    seed = _stream_seed(data_args.split_seed, "clean_validation")
     validation, clean = split_clean_noisy(
         clean, len(label_names), clean_fraction=size / len(clean), seed=seed, label_names=label_names
     )
@@ -757,7 +757,7 @@ def _validation_split(
         validation, clean = _clean_validation(clean, data_args.validation_size, data_args, label_names)
     else:
         validation = None
-    seed = _stream_seed(data_args.data_seed, "eval_subset")
+    seed = _stream_seed(data_args.split_seed, "eval_subset")
     return _subset(validation, data_args.max_eval_samples, seed), pool, clean
 
 
@@ -778,7 +778,7 @@ def prepare_corpus(data_args: DataArguments, noise_args: NoiseArguments) -> Nois
     """
     Loads, splits and corrupts a corpus. Every argument is checked before any data is read.
 
-    Steps: shuffle the training rows (seeded by `data_seed`); take the clean rows, stratified by class
+    Steps: shuffle the training rows (seeded by `split_seed`); take the clean rows, stratified by class
     (`clean_fraction` when set, else `num_clean_per_class`); corrupt the labels of the remaining rows (the noisy
     pool) with `noise_args`, or use the real noisy labels of `noisy_label_column`; take the validation rows
     (`validation_file` when given, else per `validation_source`: `heldout` takes the first `validation_size` rows of
@@ -789,14 +789,14 @@ def prepare_corpus(data_args: DataArguments, noise_args: NoiseArguments) -> Nois
     A row's noisy label depends only on the seeds and the row, not on `validation_size` or the caps.
 
     Args:
-        data_args ([`DataArguments`]): Corpus or files, clean split, validation, caps and `data_seed`.
+        data_args ([`DataArguments`]): Corpus or files, clean split, validation, caps and `split_seed`.
         noise_args ([`NoiseArguments`]): Noise type, rate, matrix and `noise_seed`.
 
     Returns:
         [`NoisyCorpus`]: Its `noise_report` holds `type`, `rate`, `seed`, `transition_matrix` (the matrix used;
         `None` for real noise) and the noise realised on the `train` rows (`realised_rate`, `expected_rate`,
         `counts`, `realised_matrix`, `true_class_counts`, `noisy_class_counts`, `num_rows`, `rows_with_true_label`),
-        plus `rows` per split and `data_seed`.
+        plus `rows` per split and `split_seed`.
     """
     _check_data_arguments(data_args)
     known_classes = len(CORPORA[data_args.corpus].label_names) if data_args.corpus else None
@@ -804,20 +804,20 @@ def prepare_corpus(data_args: DataArguments, noise_args: NoiseArguments) -> Nois
     raw, label_names, info = _load(data_args)
     num_classes = len(label_names)
     _check_noise_arguments(noise_args, num_classes)
-    train = _shuffle(raw["train"], data_args.data_seed)
-    split_seed = _stream_seed(data_args.data_seed, "split")
+    train = _shuffle(raw["train"], data_args.split_seed)
+    split_stream = _stream_seed(data_args.split_seed, "split")
     clean, pool = split_clean_noisy(
-        train, num_classes, seed=split_seed, label_names=label_names, **_clean_arguments(data_args)
+        train, num_classes, seed=split_stream, label_names=label_names, **_clean_arguments(data_args)
     )
     clean = clean.remove_columns([name for name in ("noisy_label",) if name in clean.column_names])
     pool, report = _noisy_pool(pool, data_args, noise_args, matrix, num_classes)
     validation, pool, clean = _validation_split(raw, pool, clean, data_args, label_names)
     train = pool.select(range(min(len(pool), data_args.max_train_samples or len(pool))))
-    test = _subset(raw.get("test"), data_args.max_test_samples, _stream_seed(data_args.data_seed, "test_subset"))
+    test = _subset(raw.get("test"), data_args.max_test_samples, _stream_seed(data_args.split_seed, "test_subset"))
     splits = {"train": train, "clean": _with_true_label(clean), "validation": validation, "test": test}
     report = _realised(report, train, num_classes)
     report["rows"] = {name: len(split) for name, split in splits.items() if split is not None}
-    report["data_seed"] = data_args.data_seed
+    report["split_seed"] = data_args.split_seed
     return NoisyCorpus(
         **splits,
         label_names=label_names,

@@ -154,6 +154,7 @@ def _load_model(model_args: ModelArguments, corpus: NoisyCorpus):
         id2label=dict(enumerate(names)),
         label2id={name: index for index, name in enumerate(names)},
         cache_dir=model_args.cache_dir,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
 
 

@@ -50,9 +50,10 @@ def check_parallelism(args) -> None:
             f"MLC does not support DeepSpeed (deepspeed={args.deepspeed!r}) yet: its sharded or fused optimizers hide "
             "the state the virtual step reads. Supported: one process, or DDP (`accelerate launch --multi_gpu`)."
         )
-    if args.fp16:
+    # `accelerate launch --mixed_precision fp16` reaches the arguments as `mixed_precision`, not `fp16`.
+    if args.fp16 or getattr(args, "mixed_precision", "no") == "fp16":
         raise ValueError(
-            "MLC does not support fp16 (fp16=True): loss scaling of the hand-computed gradients is not implemented. "
+            "MLC does not support fp16 (fp16=True or --mixed_precision fp16): loss scaling of the hand-computed gradients is not implemented. "
             "Use bf16=True (GPUs with bf16, and CPUs) or full precision."
         )
 

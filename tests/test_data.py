@@ -365,7 +365,7 @@ def test_prepare_is_deterministic(data_dir):
     other = prepare_corpus(args, NoiseArguments(noise_type="flip", noise_rate=0.3, noise_seed=4))
     assert other.train["index"] == first.train["index"]  # the noise seed leaves the split alone
     assert other.train["label"] != first.train["label"]
-    shuffled = prepare_corpus(ag_news_args(data_dir=data_dir, corpus="yelp_review_full", data_seed=1), noise)
+    shuffled = prepare_corpus(ag_news_args(data_dir=data_dir, corpus="yelp_review_full", split_seed=1), noise)
     assert shuffled.clean["index"] != first.clean["index"]
 
 

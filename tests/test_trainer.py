@@ -223,6 +223,7 @@ def test_bad_settings_fail_early(tmp_path, setting, message):
     "setting, message",
     [
         ({"fp16": True}, "does not support fp16"),
+        ({"mixed_precision": "fp16"}, "does not support fp16"),
         ({"fsdp": "full_shard"}, "does not support FSDP"),
         ({"deepspeed": "ds.json"}, "does not support DeepSpeed"),
     ],
