@@ -29,7 +29,8 @@ test: install
 	$(PY) -m pytest -q -x --durations=15 tests
 
 demo: install
-	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/train_agnews.py
+	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/train_agnews.py \
+		--output_dir outputs/demo --overwrite_output_dir True
 
 quality: install
 	$(VENV)/bin/ruff check mlc_text recipes bench tests

@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -425,6 +426,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "save_strategy": "no",
     "report_to": "none",
     "disable_tqdm": False,
+    "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
 }
 
 

