@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""
+Accuracy benchmark: a grid over corpus x noise type x noise rate x clean rows per class x epochs x method x seed.
+
+Every run goes through the package's own recipe (`recipes/train.py`, i.e. `mlc_text.pipeline.main`) in a fresh
+process, with the same encoder, budget, clean set and noisy labels for every method of a cell (the split, the noise
+and the training seed all follow `seed`). One line per run is appended to `bench/results/accuracy.jsonl`; runs
+already there are skipped, so an interrupted grid resumes where it stopped.
+
+Protocol (the paper's): a fixed number of epochs and the final checkpoint, evaluated once on the test split. The
+validation split (held-out training rows with their noisy labels, or clean rows) is reported beside it, never
+instead of it; nothing is tuned on the test split.
+
+    python bench/accuracy.py                       # the default grid (see --help), resumable
+    python bench/accuracy.py --dry_run             # list the runs and which are done
+    python bench/accuracy.py --noise_rates 0.2 0.4 0.6 --seeds 0 1 2 --methods mlc finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlc_text.config import METHODS  # noqa: E402
+from mlc_text.data import CORPORA  # noqa: E402
+from mlc_text.noise import NOISE_TYPES  # noqa: E402
+
+# What identifies a run: a line with the same values is not run again.
+KEY_FIELDS = (
+    "corpus",
+    "model",
+    "noise_type",
+    "noise_rate",
+    "num_clean_per_class",
+    "epochs",
+    "method",
+    "seed",
+    "max_train_samples",
+    "max_length",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpora", nargs="+", default=["ag_news"], choices=sorted(CORPORA))
+    parser.add_argument("--noise_types", nargs="+", default=["uniform", "flip"])
+    parser.add_argument("--noise_rates", nargs="+", type=float, default=[0.4, 0.6])
+    parser.add_argument("--clean_per_class", nargs="+", type=int, default=[100])
+    parser.add_argument("--epochs", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--methods", nargs="+", default=["finetune", "clean_only", "mlc", "l2rw", "glc", "oracle"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--model", default="minilm-l6", help="Alias, Hub id or local path of the encoder.")
+    parser.add_argument("--max_train_samples", type=int, default=2000, help="Noisy training rows before the split.")
+    parser.add_argument("--max_test_samples", type=int, default=2000)
+    parser.add_argument("--validation_size", type=int, default=500)
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--meta_learning_rate", type=float, default=3e-5)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "accuracy.jsonl"))
+    parser.add_argument("--runs_dir", default=None, help="Where the runs' folders go (default: a temporary folder).")
+    parser.add_argument("--data_dir", default=os.environ.get("MLC_TEXT_DATA_DIR"))
+    parser.add_argument("--dry_run", action="store_true", help="List the runs, marking those already done.")
+    args = parser.parse_args(argv)
+    _check(args)
+    return args
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every value is checked before the first run starts, so a typo cannot cost a finished half grid."""
+    bad_methods = [method for method in args.methods if method not in METHODS]
+    if bad_methods:
+        raise SystemExit(f"--methods: {bad_methods} not among {', '.join(METHODS)}")
+    bad_types = [kind for kind in args.noise_types if kind not in NOISE_TYPES or kind == "matrix"]
+    if bad_types:
+        raise SystemExit(f"--noise_types: {bad_types} not among {', '.join(t for t in NOISE_TYPES if t != 'matrix')}")
+    bad_rates = [rate for rate in args.noise_rates if not 0.0 <= rate <= 1.0]
+    if bad_rates:
+        raise SystemExit(f"--noise_rates: {bad_rates} outside [0, 1]")
+    if any(count < 1 for count in args.clean_per_class):
+        raise SystemExit(f"--clean_per_class: {args.clean_per_class} must all be >= 1")
+    if any(epochs <= 0 for epochs in args.epochs):
+        raise SystemExit(f"--epochs: {args.epochs} must all be > 0")
+    if args.data_dir is None or not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data_dir (or MLC_TEXT_DATA_DIR) {args.data_dir!r} is not a folder with the corpora")
+
+
+def grid(args: argparse.Namespace) -> list[dict]:
+    runs = []
+    # Seeds outermost: a grid cut short has every cell at one seed rather than some cells at all seeds.
+    for seed, corpus, kind, rate, clean, epochs, method in itertools.product(
+        args.seeds, args.corpora, args.noise_types, args.noise_rates, args.clean_per_class, args.epochs, args.methods
+    ):
+        runs.append(
+            {
+                "corpus": corpus,
+                "model": args.model,
+                "noise_type": kind,
+                "noise_rate": rate,
+                "num_clean_per_class": clean,
+                "epochs": epochs,
+                "method": method,
+                "seed": seed,
+                "max_train_samples": args.max_train_samples,
+                "max_length": args.max_length,
+            }
+        )
+    return runs
+
+
+def run_key(row: dict) -> tuple:
+    return tuple(row.get(name) for name in KEY_FIELDS)
+
+
+def done_keys(path: str) -> set[tuple]:
+    if not os.path.exists(path):
+        return set()
+    with open(path) as handle:
+        return {run_key(json.loads(line)) for line in handle if line.strip()}
+
+
+def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> dict:
+    seed = run["seed"]
+    return {
+        "corpus": run["corpus"],
+        "data_dir": args.data_dir,
+        "model_name_or_path": run["model"],
+        "method": run["method"],
+        "noise_type": run["noise_type"],
+        "noise_rate": run["noise_rate"],
+        "noise_seed": seed,
+        "split_seed": seed,
+        "seed": seed,
+        "num_clean_per_class": run["num_clean_per_class"],
+        "num_train_epochs": run["epochs"],
+        "max_train_samples": run["max_train_samples"],
+        "max_test_samples": args.max_test_samples,
+        "validation_source": "heldout",
+        "validation_size": args.validation_size,
+        "max_length": run["max_length"],
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "meta_learning_rate": args.meta_learning_rate,
+        "output_dir": output_dir,
+        "overwrite_output_dir": True,
+        "eval_strategy": "no",  # the final checkpoint is the one reported; do_eval still scores it on validation
+        "logging_steps": 10,
+        "disable_tqdm": True,
+        "log_level": "warning",
+    }
+
+
+def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
+    name = "-".join(str(run[key]) for key in ("corpus", "noise_type", "noise_rate", "num_clean_per_class"))
+    output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{run['method']}")
+    os.makedirs(output_dir, exist_ok=True)
+    config = os.path.join(output_dir, "bench_args.json")
+    Path(config).write_text(json.dumps(recipe_arguments(run, args, output_dir), indent=2))
+    start = time.perf_counter()
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "train.py"), config], capture_output=True, text=True, cwd=ROOT
+    )
+    if process.returncode != 0:
+        raise RuntimeError(f"run {name} {run['method']} seed {run['seed']} failed:\n{process.stderr[-4000:]}")
+    results = json.loads(Path(output_dir, "results.json").read_text())
+    test, validation = results["metrics"].get("test", {}), results["metrics"].get("eval", {})
+    return {
+        **run,
+        "test_accuracy": test.get("test_accuracy"),
+        "test_macro_f1": test.get("test_macro_f1"),
+        "eval_accuracy": validation.get("eval_accuracy"),
+        "correction_accuracy": results.get("correction_accuracy"),
+        "noisy_label_accuracy": (results.get("correction") or {}).get("noisy_label_accuracy"),
+        "realised_noise_rate": results["noise"]["realised_rate"],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "train_runtime_s": results["metrics"].get("train", {}).get("train_runtime"),
+        "meta_learning_rate": args.meta_learning_rate if run["method"] == "mlc" else None,
+        "rows": results.get("rows"),
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs = grid(args)
+    done = done_keys(args.output)
+    todo = [run for run in runs if run_key(run) not in done]
+    if args.dry_run:
+        for run in runs:
+            print("done " if run_key(run) in done else "todo ", json.dumps(run))
+        print(f"{len(runs) - len(todo)} done, {len(todo)} to run")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="mlc-accuracy-")
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {args.output}; runs go to {runs_dir}")
+    for run in tqdm(todo, desc="accuracy grid", unit="run"):
+        row = one_run(run, args, runs_dir)
+        with open(args.output, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        tqdm.write(
+            f"{run['corpus']} {run['noise_type']} {run['noise_rate']} seed {run['seed']} {run['method']:<10} "
+            f"test acc {row['test_accuracy']:.4f} ({row['wall_s']:.0f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
