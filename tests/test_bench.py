@@ -1,0 +1,75 @@
+"""The accuracy benchmark's bookkeeping: resumable grid, input checks, and the report's statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_resumes_from_the_lines_already_written(tmp_path, data_dir):
+    accuracy = load("accuracy")
+    output = tmp_path / "accuracy.jsonl"
+    argv = ["--data_dir", data_dir, "--output", str(output), "--methods", "mlc", "finetune", "--seeds", "0", "1"]
+    runs = accuracy.grid(accuracy.parse_args(argv))
+    assert len(runs) == 2 * 2 * 2 * 2  # noise types x rates x seeds x methods
+    assert [run["seed"] for run in runs[:8]] == [0] * 8  # every cell at seed 0 before any at seed 1
+    output.write_text(json.dumps({**runs[0], "test_accuracy": 0.5}) + "\n")
+    done = accuracy.done_keys(str(output))
+    assert accuracy.run_key(runs[0]) in done and accuracy.run_key(runs[1]) not in done
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "mwnet"], "--methods: \\['mwnet'\\] not among"),
+        (["--noise_rates", "1.5"], "--noise_rates: \\[1.5\\] outside \\[0, 1\\]"),
+        (["--noise_types", "matrix"], "--noise_types: \\['matrix'\\]"),
+        (["--clean_per_class", "0"], "--clean_per_class"),
+    ],
+)
+def test_bad_grids_are_refused_before_the_first_run(extra, message, tmp_path, data_dir):
+    accuracy = load("accuracy")
+    with pytest.raises(SystemExit, match=message):
+        accuracy.parse_args(["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), *extra])
+
+
+def test_report_means_and_gap_share(tmp_path):
+    report = load("report")
+    rows = []
+    for seed, (finetune, clean_only, mlc, oracle) in enumerate([(0.70, 0.80, 0.84, 0.90), (0.74, 0.80, 0.86, 0.90)]):
+        for method, accuracy in zip(("finetune", "clean_only", "mlc", "oracle"), (finetune, clean_only, mlc, oracle)):
+            rows.append(
+                {
+                    "corpus": "ag_news", "model": "m", "noise_type": "flip", "noise_rate": 0.4,
+                    "num_clean_per_class": 100, "epochs": 1.0, "max_train_samples": 2000, "method": method,
+                    "seed": seed, "test_accuracy": accuracy, "test_macro_f1": accuracy, "wall_s": 10.0,
+                    "correction_accuracy": 0.8 if method == "mlc" else None,
+                }
+            )  # fmt: skip
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"# Results\n\nkept above\n\n{report.BEGIN}\nold\n{report.END}\n\nkept below\n")
+    report.main(["--input", str(tmp_path / "a.jsonl"), "--results_md", str(results_md), "--figures", str(tmp_path)])
+    cells = report.summarise(rows)
+    (methods,) = cells.values()
+    mean, std = methods["finetune"]["test_accuracy"]
+    assert mean == pytest.approx(0.72) and std == pytest.approx(0.0282843, rel=1e-5)
+    assert methods["mlc"]["gap_recovered"] == pytest.approx((0.85 - 0.80) / (0.90 - 0.80))
+    text = results_md.read_text()
+    assert "kept above" in text and "kept below" in text and "old" not in text
+    assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
+    assert (tmp_path / "accuracy_ag_news_flip_c100_e1.png").read_bytes()[:4] == b"\x89PNG"
