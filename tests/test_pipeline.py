@@ -157,3 +157,14 @@ def test_recipe_runs_under_accelerate_launch(tiny_model_dir, data_dir, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| mlc " in out.stdout and "test_accuracy" in out.stdout
     assert json.loads((tmp_path / "results.json").read_text())["method"] == "mlc"
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = tiny_argv(tiny_model_dir, tmp_path, data_dir, "--method", "finetune", "--max_steps", "2")
+    argv += ["--push_to_hub", "True", "--hub_model_id", "someone/mlc-agnews", "--report_to", "tensorboard"]
+    with pytest.raises(RuntimeError, match="push_to_hub to 'someone/mlc-agnews' failed.*saved locally"):
+        main(argv=argv)
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == "finetune"
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "README.md").is_file()
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # report_to tensorboard wrote its logs
