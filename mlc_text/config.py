@@ -158,7 +158,8 @@ class DataArguments:
             with noisy labels), `clean` (rows taken from the clean set), or `none`.
         validation_size (`int`, defaults to `500`): Rows in the validation split.
         max_length (`int`, defaults to `64`): Tokens per text (>= 8).
-        max_train_samples / max_eval_samples / max_test_samples (`int` or `None`): Caps for quick runs.
+        max_train_samples / max_eval_samples / max_test_samples (`int` or `None`): Caps for quick runs; `None` or `0`
+            means all rows (`--max_train_samples 0` lifts a recipe's default cap).
         split_seed (`int`, defaults to `42`): Seed of the clean/noisy split.
         overwrite_cache (`bool`): Recompute tokenization caches.
     """
@@ -184,9 +185,9 @@ class DataArguments:
     )
     validation_size: int = field(default=500, metadata={"help": "Rows in the validation split."})
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per text (>= 8)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on noisy training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation rows."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test rows."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on noisy training rows; 0 lifts a recipe's cap (all rows)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation rows; 0 lifts a recipe's cap (all rows)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test rows; 0 lifts a recipe's cap (all rows)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenization caches."})
 

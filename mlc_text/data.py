@@ -663,7 +663,7 @@ def _check_data_arguments(data_args: DataArguments) -> None:
     _check_integer("validation_size", data_args.validation_size, minimum=1 if needs_rows else 0)
     _check_max_length(data_args.max_length)
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
-        _check_integer(name, getattr(data_args, name), minimum=1, allow_none=True)
+        _check_integer(name, getattr(data_args, name), minimum=0, allow_none=True)  # 0: no cap
     _check_integer("split_seed", data_args.split_seed, minimum=0)
 
 
@@ -709,7 +709,7 @@ def _shuffle(dataset: Dataset, seed: int) -> Dataset:
 
 def _subset(dataset: Dataset | None, size: int | None, seed: int) -> Dataset | None:
     """A seeded random subset of `size` rows in their original order (the shared files are ordered by source)."""
-    if dataset is None or size is None or size >= len(dataset):
+    if dataset is None or not size or size >= len(dataset):  # None or 0: no cap
         return dataset
     return dataset.select(np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False)))
 

@@ -444,7 +444,7 @@ def test_matrix_shape_is_checked_for_user_files(tmp_path):
         ({"clean_fraction": 1.5}, {}, r"clean_fraction must be in \(0, 1\), got 1.5"),
         ({"validation_source": "test"}, {}, "validation_source must be one of heldout, clean, none, got 'test'"),
         ({"validation_size": 0}, {}, "validation_size must be an integer >= 1, got 0"),
-        ({"max_train_samples": 0}, {}, "max_train_samples must be an integer >= 1 or None, got 0"),
+        ({"max_train_samples": -1}, {}, "max_train_samples must be an integer >= 0 or None, got -1"),
         ({"corpus": "sst2"}, {}, "corpus must be one of ag_news, .*, got 'sst2'"),
         ({"corpus": None}, {}, "set corpus .* or train_file, got neither"),
         ({"train_file": "train.csv"}, {}, "train_file are for your own files, got them with corpus='ag_news'"),
@@ -509,3 +509,9 @@ def test_tokenize_corpus_refuses_short_max_length(tmp_path, tokenizer):
     corpus = prepare_corpus(user_args(write(tmp_path, "train.csv", make_rows(60, 3))), NoiseArguments())
     with pytest.raises(ValueError, match="max_length must be an integer >= 8, got 7"):
         tokenize_corpus(corpus, tokenizer, max_length=7)
+
+
+def test_zero_lifts_the_caps(data_dir):
+    capped = prepare_corpus(ag_news_args(data_dir=data_dir, corpus="imdb", max_test_samples=10), NoiseArguments())
+    uncapped = prepare_corpus(ag_news_args(data_dir=data_dir, corpus="imdb", max_test_samples=0), NoiseArguments())
+    assert len(capped.test) == 10 and len(uncapped.test) > 10
