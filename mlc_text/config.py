@@ -185,9 +185,15 @@ class DataArguments:
     )
     validation_size: int = field(default=500, metadata={"help": "Rows in the validation split."})
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per text (>= 8)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on noisy training rows; 0 lifts a recipe's cap (all rows)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation rows; 0 lifts a recipe's cap (all rows)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test rows; 0 lifts a recipe's cap (all rows)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Cap on noisy training rows; 0 lifts a recipe's cap (all rows)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Cap on validation rows; 0 lifts a recipe's cap (all rows)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Cap on test rows; 0 lifts a recipe's cap (all rows)."}
+    )
     split_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenization caches."})
 
