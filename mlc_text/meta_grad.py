@@ -237,10 +237,12 @@ def logits_jvp(
     tangents: ParamDict,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     return_logits: bool = False,
+    overwrite_tangents: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """
     Directional derivative of the batch's logits along `tangents`: (dz/dw) v, by one forward-mode pass. With
-    `return_logits`, also the logits z themselves (the same pass computes them): `(logits, directional)`.
+    `return_logits`, also the logits z themselves (the same pass computes them): `(logits, directional)`. With
+    `overwrite_tangents`, the tangents are rescaled in place (no copy of v; the caller must not read them after).
 
     Attention runs on SDPA's math backend here: the fused CPU kernels have no forward-mode derivative.
     """
@@ -255,10 +257,13 @@ def logits_jvp(
     def logits_at(*values):
         return functional_call(model, dict(zip(names, values)), args=(), kwargs=inputs).logits
 
+    if overwrite_tangents:
+        unit = tuple(tangents[name].div_(norm).to(value.dtype) for name, value in zip(names, primals))
+    else:
+        unit = tuple((tangents[name] / norm).to(value.dtype) for name, value in zip(names, primals))
     with sdpa_kernel([SDPBackend.MATH]), autocast():
-        logits, tangent_out = torch.func.jvp(
-            logits_at, primals, tuple((tangents[name] / norm).to(value.dtype) for name, value in zip(names, primals))
-        )
+        logits, tangent_out = torch.func.jvp(logits_at, primals, unit)
+    del unit
     return (logits, tangent_out * norm) if return_logits else tangent_out * norm
 
 
@@ -352,7 +357,7 @@ def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
 @dataclass
 class _MainPass:
     params: dict[str, nn.Parameter]
-    noisy_grads: ParamDict  # the noisy part's gradient, with a graph to the corrector when asked
+    noisy_grads: ParamDict  # the noisy part's gradient with its graph (create_graph); else it aliases main_grads
     main_grads: ParamDict
     main_loss: torch.Tensor
     clean_grads: ParamDict | None
@@ -385,7 +390,13 @@ def _main_loss_and_grads(
         clean_loss_at_w, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, autocast=autocast)
         if clean_in_main_loss:
             main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
-            main_grads = {name: grad + (1 - noisy_weight) * clean_grads[name] for name, grad in main_grads.items()}
+            if create_graph:  # `noisy_grads` must stay as they are (they carry the graph the meta-gradient needs)
+                main_grads = {name: g + (1 - noisy_weight) * clean_grads[name] for name, g in main_grads.items()}
+            else:  # fresh tensors of autograd.grad, read nowhere else: add in place, no second copy of the gradient
+                for name, grad in main_grads.items():
+                    grad.add_(clean_grads[name], alpha=1 - noisy_weight)
+        if not need_clean_grads:
+            clean_grads = None  # only the look-ahead discount reads them: free them now
     return _MainPass(params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight)
 
 
@@ -455,8 +466,13 @@ def meta_step(
     clean_loss, clean_grads_virtual = loss_and_grads(
         model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast
     )
+    del virtual_params  # w' is needed for the clean pass only; free it before the meta-gradient's pass
     _reduce_dict(reduce, clean_grads_virtual)
-    direction = {name: virtual_lr[name] * grad for name, grad in clean_grads_virtual.items()}
+    gamma = discount_factor(clean_grads, clean_grads_virtual, virtual_lr) if need_discount else None
+    clean_grads = main.clean_grads = None
+    # v = L * g'. g' is read nowhere else once gamma is known: scale it in place instead of allocating a copy.
+    direction = {name: grad.mul_(virtual_lr[name]) for name, grad in clean_grads_virtual.items()}
+    del clean_grads_virtual, virtual_lr
 
     meta_params = [param for param in corrector.parameters() if param.requires_grad]
     if reference:
@@ -464,14 +480,14 @@ def meta_step(
         meta_grads = torch.autograd.grad(proxy, meta_params, allow_unused=True)
     else:
         with _replay_rng(rng_before_noisy):
-            directional = logits_jvp(model, params, batch.noisy_inputs, direction, autocast=autocast)
+            directional = logits_jvp(
+                model, params, batch.noisy_inputs, direction, autocast=autocast, overwrite_tangents=True
+            )
         upstream = (main.noisy_weight / len(batch.noisy_labels)) * directional.to(corrected.dtype)
         meta_grads = torch.autograd.grad(corrected, meta_params, grad_outputs=upstream, allow_unused=True)
     meta_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, meta_grads)]
     if reduce is not None:
         reduce(meta_grads)
-
-    gamma = discount_factor(clean_grads, clean_grads_virtual, virtual_lr) if need_discount else None
     return MetaStepOutput(main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma)
 
 
