@@ -49,6 +49,7 @@ KEY_FIELDS = (
     "seed",
     "max_train_samples",
     "max_length",
+    "meta_learning_rate",
 )
 
 
@@ -68,7 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--meta_learning_rate", type=float, default=3e-5)
+    parser.add_argument(
+        "--meta_learning_rates",
+        nargs="+",
+        type=float,
+        default=[3e-5, 1e-3],
+        help="MLC runs once per value (3e-5: the paper's default; a short budget may need more).",
+    )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "accuracy.jsonl"))
     parser.add_argument("--runs_dir", default=None, help="Where the runs' folders go (default: a temporary folder).")
     parser.add_argument("--data_dir", default=os.environ.get("MLC_TEXT_DATA_DIR"))
@@ -103,8 +110,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
     for seed, corpus, kind, rate, clean, epochs, method in itertools.product(
         args.seeds, args.corpora, args.noise_types, args.noise_rates, args.clean_per_class, args.epochs, args.methods
     ):
-        runs.append(
-            {
+        for meta_lr in args.meta_learning_rates if method == "mlc" else [None]:
+            run = {
                 "corpus": corpus,
                 "model": args.model,
                 "noise_type": kind,
@@ -116,7 +123,9 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 "max_train_samples": args.max_train_samples,
                 "max_length": args.max_length,
             }
-        )
+            if meta_lr is not None:
+                run["meta_learning_rate"] = meta_lr
+            runs.append(run)
     return runs
 
 
@@ -152,7 +161,7 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "max_length": run["max_length"],
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "meta_learning_rate": args.meta_learning_rate,
+        "meta_learning_rate": run.get("meta_learning_rate", 3e-5),
         "output_dir": output_dir,
         "overwrite_output_dir": True,
         "eval_strategy": "no",  # the final checkpoint is the one reported; do_eval still scores it on validation
@@ -164,7 +173,8 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
 
 def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
     name = "-".join(str(run[key]) for key in ("corpus", "noise_type", "noise_rate", "num_clean_per_class"))
-    output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{run['method']}")
+    method = run["method"] + (f"-mlr{run['meta_learning_rate']:g}" if "meta_learning_rate" in run else "")
+    output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{method}")
     os.makedirs(output_dir, exist_ok=True)
     config = os.path.join(output_dir, "bench_args.json")
     Path(config).write_text(json.dumps(recipe_arguments(run, args, output_dir), indent=2))
@@ -186,7 +196,7 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
         "realised_noise_rate": results["noise"]["realised_rate"],
         "wall_s": round(time.perf_counter() - start, 1),
         "train_runtime_s": results["metrics"].get("train", {}).get("train_runtime"),
-        "meta_learning_rate": args.meta_learning_rate if run["method"] == "mlc" else None,
+        "meta_learning_rate": run.get("meta_learning_rate"),
         "rows": results.get("rows"),
     }
 
@@ -210,6 +220,7 @@ def main(argv=None) -> None:
             handle.write(json.dumps(row) + "\n")
         tqdm.write(
             f"{run['corpus']} {run['noise_type']} {run['noise_rate']} seed {run['seed']} {run['method']:<10} "
+            f"{run.get('meta_learning_rate') or '':<6} "
             f"test acc {row['test_accuracy']:.4f} ({row['wall_s']:.0f} s)"
         )
 
