@@ -169,3 +169,17 @@ def test_push_to_hub_offline_fails_clearly_after_saving(tiny_model_dir, data_dir
     assert json.loads((tmp_path / "results.json").read_text())["method"] == "finetune"
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "README.md").is_file()
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # report_to tensorboard wrote its logs
+
+
+def test_best_checkpoint_on_validation_is_loaded_when_asked(tiny_model_dir, data_dir, tmp_path):
+    argv = tiny_argv(tiny_model_dir, tmp_path, data_dir, "--method", "mlc", "--max_steps", "4")
+    argv += ["--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    argv += ["--load_best_model_at_end", "True", "--metric_for_best_model", "accuracy"]
+    main(argv=argv)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_accuracy" in entry and entry.get("step") in (2, 4)]
+    assert [entry["step"] for entry in evals][:2] == [2, 4]
+    best = max(evals[:2], key=lambda entry: entry["eval_accuracy"])
+    assert state["best_metric"] == best["eval_accuracy"]
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert (tmp_path / f"checkpoint-{best['step']}" / "mlc_state.pt").is_file()  # corrector state in checkpoints
