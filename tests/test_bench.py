@@ -24,9 +24,12 @@ def test_grid_resumes_from_the_lines_already_written(tmp_path, data_dir):
     accuracy = load("accuracy")
     output = tmp_path / "accuracy.jsonl"
     argv = ["--data_dir", data_dir, "--output", str(output), "--methods", "mlc", "finetune", "--seeds", "0", "1"]
-    runs = accuracy.grid(accuracy.parse_args(argv))
+    runs = accuracy.grid(accuracy.parse_args([*argv, "--meta_learning_rates", "3e-5"]))
     assert len(runs) == 2 * 2 * 2 * 2  # noise types x rates x seeds x methods
     assert [run["seed"] for run in runs[:8]] == [0] * 8  # every cell at seed 0 before any at seed 1
+    two_rates = accuracy.grid(accuracy.parse_args([*argv, "--meta_learning_rates", "3e-5", "1e-3"]))
+    assert len(two_rates) == 2 * 2 * 2 * 3  # MLC once per meta learning rate, each its own run
+    assert len({accuracy.run_key(run) for run in two_rates}) == len(two_rates)
     output.write_text(json.dumps({**runs[0], "test_accuracy": 0.5}) + "\n")
     done = accuracy.done_keys(str(output))
     assert accuracy.run_key(runs[0]) in done and accuracy.run_key(runs[1]) not in done
