@@ -49,11 +49,19 @@ def fmt(mean: float, std: float | None, scale: float = 100.0) -> str:
     return f"{mean * scale:.1f}" + (f" ± {std * scale:.1f}" if std is not None else "")
 
 
+def method_label(row: dict) -> str:
+    """`mlc` at the paper's meta learning rate (3e-5); other rates get their own row, e.g. `mlc@0.001`."""
+    rate = row.get("meta_learning_rate")
+    if row["method"] == "mlc" and rate is not None and abs(rate - 3e-5) > 1e-12:
+        return f"mlc@{rate:g}"
+    return row["method"]
+
+
 def summarise(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """cell -> method -> statistics over seeds."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        groups[tuple(row.get(field) for field in CELL_FIELDS)][row["method"]].append(row)
+        groups[tuple(row.get(field) for field in CELL_FIELDS)][method_label(row)].append(row)
     cells: dict[tuple, dict[str, dict]] = {}
     for cell, methods in sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])):
         cells[cell] = {}
@@ -95,7 +103,7 @@ def table(cell: tuple, methods: dict[str, dict]) -> str:
         "| corrector acc. on noisy rows (%) | noisy-label acc. (%) | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 99):
+    for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 5):
         stats = methods[method]
         gap = "-" if stats["gap_recovered"] is None else f"{stats['gap_recovered']:+.2f}"
         lines.append(
@@ -116,7 +124,7 @@ def verdicts(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         mlc, finetune = methods["mlc"], methods["finetune"]
         shared = sorted(set(mlc["by_seed"]) & set(finetune["by_seed"]))
         deltas = [100 * (mlc["by_seed"][seed] - finetune["by_seed"][seed]) for seed in shared]
-        others = {name: stats for name, stats in methods.items() if name not in ("mlc", "oracle")}
+        others = {name: stats for name, stats in methods.items() if not name.startswith("mlc") and name != "oracle"}
         best = max(others, key=lambda name: others[name]["test_accuracy"][0])
         lines.append(
             f"- {cell_title(cell)}: MLC − finetune per seed: {', '.join(f'{delta:+.1f}' for delta in deltas)} points; "
