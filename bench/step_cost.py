@@ -53,6 +53,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from mlc_text.meta_grad import MetaBatch, corrected_label_step, meta_step, trainable_parameters  # noqa: E402
 from mlc_text.meta_net import LabelCorrector, find_head_module  # noqa: E402
+from mlc_text.reporting import format_results_table  # noqa: E402
 
 __all__ = ["StepCase", "StepBench", "build_model", "random_batch", "time_cases", "run_step_cost", "run_interval"]
 
@@ -407,15 +408,6 @@ def _interval_rows(args, model_name, max_length, precision, per_step) -> list[di
 
 
 # --------------------------------------------------------------------------------------------------- output
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(cell[i]) for cell in cells)) for i, c in enumerate(columns)]
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for cell in cells:
-        print(" | ".join(value.ljust(w) for value, w in zip(cell, widths)))
-
-
 def write_rows(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2) + "\n")
@@ -471,13 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["model", "max_length", "batch_size", "path", "precision", "variant", "step_s", "ratio_to_plain"]
     if not args.interval:
         rows = run_step_cost(args)
-        print_table(rows, columns + ["peak_mem_mb", "mem_ratio_to_plain"])
+        print(format_results_table(rows, columns + ["peak_mem_mb", "mem_ratio_to_plain"]))
         write_rows(rows, args.output or RESULTS_DIR / f"step_cost-{args.device}.json")
     if args.interval or not (args.quick or args.cases):
         rows = run_interval(args)
-        print_table(
-            rows, ["model", "max_length", "path", "meta_update_interval", "step_s", "epoch_s", "ratio_to_plain"]
-        )
+        columns = ["model", "max_length", "path", "meta_update_interval", "step_s", "epoch_s", "ratio_to_plain"]
+        print(format_results_table(rows, columns))
         write_rows(rows, RESULTS_DIR / f"meta_update_interval-{args.device}.json")
 
 

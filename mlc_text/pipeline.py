@@ -221,11 +221,11 @@ def build_trainer(method: str, model_factory, corpus: NoisyCorpus, tokenizer, tr
         args = _with(training_args, max_steps=_budget_steps(len(corpus.train) + len(clean), training_args))
         return FinetuneTrainer(model=model_factory(), args=args, train_dataset=clean, **common)
     if method == "glc":
-        return _glc_trainer(model_factory, noisy, clean, tokenizer, training_args, common)
+        return _glc_trainer(model_factory, noisy, clean, corpus.num_labels, training_args, common)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def _glc_trainer(model_factory, noisy, clean, tokenizer, training_args, common):
+def _glc_trainer(model_factory, noisy, clean, num_labels: int, training_args, common):
     stage_one_args = _with(
         training_args,
         output_dir=os.path.join(training_args.output_dir, "glc_noisy_model"),
@@ -237,7 +237,7 @@ def _glc_trainer(model_factory, noisy, clean, tokenizer, training_args, common):
     stage_one = FinetuneTrainer(model=model_factory(), args=stage_one_args, train_dataset=noisy, **common)
     logger.info("GLC stage 1: fine-tuning on the noisy labels to estimate the transition matrix")
     stage_one.train()
-    matrix = estimate_transition_matrix(stage_one, clean, len(np.unique(clean["label"])))
+    matrix = estimate_transition_matrix(stage_one, clean, num_labels)  # K of the corpus, not of the clean rows
     del stage_one
     marked = datasets.concatenate_datasets(
         [noisy.add_column("is_clean", [0] * len(noisy)), clean.add_column("is_clean", [1] * len(clean))]
