@@ -51,7 +51,13 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from mlc_text.meta_grad import MetaBatch, corrected_label_step, meta_step, trainable_parameters  # noqa: E402
+from mlc_text.meta_grad import (  # noqa: E402
+    CleanPass,
+    MetaBatch,
+    corrected_label_step,
+    meta_step,
+    trainable_parameters,
+)
 from mlc_text.meta_net import LabelCorrector, find_head_module  # noqa: E402
 from mlc_text.reporting import format_results_table  # noqa: E402
 
@@ -70,7 +76,7 @@ class StepCase:
 
     path: str  # plain | reference | fast | corrected
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    variant: str = "default"  # default | no_clean_in_main_loss
+    variant: str = "default"  # default | no_reuse | no_clean_in_main_loss
 
     @property
     def key(self) -> str:
@@ -90,10 +96,11 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
     """
     if device == "cuda":
         return [StepCase(path, "bf16") for path in ("plain", "reference", "fast")] + [
-            StepCase("fast", "bf16", "no_clean_in_main_loss")
+            StepCase("fast", "bf16", "no_reuse"),
+            StepCase("fast", "bf16", "no_clean_in_main_loss"),
         ]
     cases = [StepCase(path) for path in ("plain", "reference", "fast")]
-    cases.append(StepCase("fast", variant="no_clean_in_main_loss"))
+    cases += [StepCase("fast", variant="no_reuse"), StepCase("fast", variant="no_clean_in_main_loss")]
     if bf16 and cpu_has_bf16():
         cases += [StepCase("plain", "bf16"), StepCase("fast", "bf16")]
     elif bf16:
@@ -165,6 +172,11 @@ class StepBench:
         noisy = random_batch(vocab_size, batch_size, max_length, device, seed + 1)
         clean = random_batch(vocab_size, batch_size, max_length, device, seed + 2)
         self.batch = MetaBatch(*noisy, *clean)
+        self.max_grad_norm = 1.0  # the Trainer's default clipping, applied by every path
+        # Per step type, the clean pass at w' its last meta step kept for the next step (MLCTrainer's default
+        # `reuse_clean_pass`). Interleaving moves the weights in between, so it is not exactly at w here: the cost
+        # is the same, the numbers are not used.
+        self.carried: dict[str, CleanPass | None] = {}
 
     def autocast(self, case: StepCase) -> Callable[[], contextlib.AbstractContextManager]:
         if case.precision == "bf16":
@@ -195,11 +207,16 @@ class StepBench:
         with autocast():
             logits = self.model(**self.batch.noisy_inputs).logits
         nn.functional.cross_entropy(logits.float(), self.batch.noisy_labels).backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _mlc_step(self, case: StepCase) -> None:
-        common = {"clean_in_main_loss": case.variant != "no_clean_in_main_loss", "autocast": self.autocast(case)}
+        common = {
+            "clean_in_main_loss": case.variant != "no_clean_in_main_loss",
+            "autocast": self.autocast(case),
+            "carried_clean_pass": self.carried.pop(case.key, None),
+        }
         if case.path == "corrected":
             out = corrected_label_step(self.model, self.corrector, self.head, self.batch, **common)
         elif case.path in ("reference", "fast"):
@@ -211,12 +228,18 @@ class StepBench:
                 self.batch,
                 self.optimizer,
                 meta_gradient=meta_gradient,
+                max_grad_norm=self.max_grad_norm,
+                keep_clean_pass=case.variant == "default",
                 **common,
             )
+            self.carried[case.key] = out.clean_pass
+            out.clean_pass = None
         else:
             raise ValueError(f"path must be plain, reference, fast or corrected, got {case.path!r}")
         for name, param in trainable_parameters(self.model).items():
             param.grad = out.main_grads[name]
+        del out.main_grads
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if out.meta_grads:
@@ -252,6 +275,9 @@ def _proc_status_kb(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
 
 
+MMAP_THRESHOLD = 128 * 1024
+
+
 def _reset_rss_peak() -> bool:
     """Resets the kernel's RSS high-water mark (VmHWM, Linux >= 4.0); False where that is not allowed."""
     try:
@@ -263,10 +289,16 @@ def _reset_rss_peak() -> bool:
 
 
 def probe_cpu_memory(bench: StepBench, case: StepCase, steps: int) -> dict[str, float]:
-    """Peak RSS increase over `steps` steps of `case`; to be run in a fresh process, as the peak only grows."""
+    """
+    Peak RSS increase over `steps` steps of `case` after one warm-up step, above the RSS before the warm-up step (so
+    that what a path keeps from one step to the next, like the carried clean pass, counts). To be run in a fresh
+    process, as the peak only grows.
+    """
     bench.allocate_optimizer_states()
     gc.collect()
     base_kb = _proc_status_kb("VmRSS")
+    bench.step(case)
+    gc.collect()
     reset = _reset_rss_peak()
     for _ in range(steps):
         bench.step(case)
@@ -282,7 +314,10 @@ def measure_cpu_memory(args, model_name: str, max_length: int, case: StepCase) -
         command = [sys.executable, __file__, "--memory-probe", out_path, "--probe-case", case.key]
         command += ["--model", model_name, "--lengths", str(max_length), "--batch-size", str(args.batch_size)]
         command += ["--threads", str(args.threads), "--seed", str(args.seed), "--probe-steps", str(args.probe_steps)]
-        subprocess.run(command, check=True)
+        # Large blocks straight from mmap, returned to the kernel when freed: RSS then follows the live tensors
+        # instead of what glibc's heap keeps after frees (which made single probes differ by ~100 MB).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        subprocess.run(command, check=True, env=env)
         with open(out_path) as handle:
             return json.load(handle)
 

@@ -47,6 +47,13 @@ class MLCTrainingArguments(TrainingArguments):
             Rows per clean (trusted) batch on each process; `None` uses `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
             Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
+        reuse_clean_pass (`bool`, *optional*, defaults to `True`):
+            With `clean_in_main_loss`, take the clean term of a step's main loss from the previous meta step's clean
+            pass at w' instead of a new forward/backward: the virtual step reproduces the real one (clipping
+            included), so w' is this step's w and the gradient is the same; the main loss then uses the previous
+            step's clean batch, and each clean batch still enters the main loss once and the meta objective once.
+            Saves one forward/backward per step; only used when the previous step's real update was exactly its
+            virtual one (no gradient accumulation, optimizer step not skipped).
         meta_update_interval (`int`, *optional*, defaults to `1`):
             Run the meta step every this many optimizer steps; steps in between train on corrected labels only.
         meta_lr_follows_schedule (`bool`, *optional*, defaults to `True`):
@@ -81,6 +88,12 @@ class MLCTrainingArguments(TrainingArguments):
     )
     clean_in_main_loss: bool = field(
         default=True, metadata={"help": "Also train the main net on the clean batch with its true labels."}
+    )
+    reuse_clean_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the previous meta step's clean pass at w' (= this step's w) as the main loss's clean term."
+        },
     )
     meta_update_interval: int = field(
         default=1, metadata={"help": "Run the meta step every N optimizer steps (1 = every step)."}

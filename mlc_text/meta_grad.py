@@ -24,7 +24,7 @@ meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`Lo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +41,15 @@ __all__ = [
     "soft_cross_entropy",
     "unwrap_optimizer",
     "check_optimizer",
+    "clip_coefficient",
+    "VirtualRates",
     "virtual_step",
     "loss_and_grads",
     "logits_jvp",
     "discount_factor",
     "LookaheadBuffer",
     "MetaBatch",
+    "CleanPass",
     "MetaStepOutput",
     "meta_step",
     "corrected_label_step",
@@ -106,72 +109,142 @@ def _param_groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(param): group for group in optimizer.param_groups for param in group["params"]}
 
 
-def _sgd_step(param, grad, group, state) -> tuple[torch.Tensor, float]:
-    # Mirrors torch.optim.SGD (whose first step copies the gradient into the momentum buffer, undampened).
+def clip_coefficient(grads: ParamDict, max_grad_norm: float | None) -> float:
+    """
+    The factor `torch.nn.utils.clip_grad_norm_` (the `Trainer`'s `max_grad_norm`) scales the gradient by:
+    `min(1, max_grad_norm / (total 2-norm + 1e-6))`, or 1 when `max_grad_norm` is `None` or <= 0. A plain float: the
+    virtual step holds it constant, as it holds L constant.
+    """
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return 1.0
+    norms = [torch.linalg.vector_norm(grad.detach()) for grad in grads.values()]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    return min(1.0, max_grad_norm / (total + 1e-6))
+
+
+def _sgd_rate(group, state, coef: float) -> float:
+    # d(update)/d(raw gradient) of torch.optim.SGD on the clipped gradient coef * grad: lr x (coef, x (1 - dampening)
+    # once a momentum buffer exists, + momentum x that for Nesterov).
+    scale = coef
+    if group["momentum"] and state.get("momentum_buffer") is not None:
+        scale = coef * (1.0 - group["dampening"])
+    if group["momentum"] and group["nesterov"]:
+        scale = coef + group["momentum"] * scale
+    return float(group["lr"]) * scale
+
+
+def _sgd_step(param, grad, group, state, coef: float = 1.0) -> torch.Tensor:
+    # Mirrors torch.optim.SGD (whose first step copies the gradient into the momentum buffer, undampened), on the
+    # clipped gradient coef * grad.
     lr, momentum, dampening = float(group["lr"]), group["momentum"], group["dampening"]
+    if coef != 1.0:
+        grad = coef * grad
     direction = grad + group["weight_decay"] * param if group["weight_decay"] else grad
-    scale = 1.0
     if momentum:
         buffer = state.get("momentum_buffer")
-        if buffer is None:
-            new_buffer = direction
-        else:
-            new_buffer = momentum * buffer + (1 - dampening) * direction
-            scale = 1.0 - dampening
-        if group["nesterov"]:
-            direction, scale = direction + momentum * new_buffer, 1.0 + momentum * scale
-        else:
-            direction = new_buffer
-    return param - lr * direction, lr * scale
+        new_buffer = direction if buffer is None else momentum * buffer + (1 - dampening) * direction
+        direction = direction + momentum * new_buffer if group["nesterov"] else new_buffer
+    return param - lr * direction
 
 
-def _adam_step(param, grad, group, state, decoupled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # Mirrors torch.optim.Adam / AdamW; the second moment (the preconditioner) is treated as a constant of `a`.
-    lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+def _adam_moments(param, grad, group, state, decoupled: bool, coef: float, first: bool = True):
+    # Adam's input gradient (clipped, plus L2 decay for Adam), the bias-corrected denominator of the next step and
+    # (if `first`) the new first moment, as torch.optim.Adam / AdamW compute them.
+    (beta1, beta2), eps, weight_decay = group["betas"], group["eps"], group["weight_decay"]
     step = float(state["step"]) + 1 if "step" in state else 1.0
+    if coef != 1.0:
+        grad = coef * grad
     if weight_decay and not decoupled:
         grad = grad + weight_decay * param
-    exp_avg = state.get("exp_avg", torch.zeros_like(param))
-    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
-    new_exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-    new_exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad.detach().square()
+    exp_avg_sq = state.get("exp_avg_sq")
+    square = grad.detach().square()
+    new_exp_avg_sq = (1 - beta2) * square if exp_avg_sq is None else beta2 * exp_avg_sq + (1 - beta2) * square
+    del square
     if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
         new_exp_avg_sq = torch.maximum(state["max_exp_avg_sq"], new_exp_avg_sq)
-    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-    denom = new_exp_avg_sq.sqrt() / bias_correction2**0.5 + eps
+    denom = new_exp_avg_sq.sqrt_().div_((1 - beta2**step) ** 0.5).add_(eps)
+    new_exp_avg = None
+    if first:
+        exp_avg = state.get("exp_avg")
+        new_exp_avg = (1 - beta1) * grad if exp_avg is None else beta1 * exp_avg + (1 - beta1) * grad
+    return denom, new_exp_avg, 1 - beta1**step
+
+
+def _adam_step(param, grad, group, state, decoupled: bool, coef: float = 1.0) -> torch.Tensor:
+    # Mirrors torch.optim.Adam / AdamW on the clipped gradient coef * grad.
+    lr, weight_decay = float(group["lr"]), group["weight_decay"]
+    denom, new_exp_avg, bias_correction1 = _adam_moments(param, grad, group, state, decoupled, coef)
     base = param * (1 - lr * weight_decay) if decoupled else param
-    virtual_lr = lr * (1 - beta1) / (bias_correction1 * denom)
-    return base - (lr / bias_correction1) * new_exp_avg / denom, virtual_lr
+    return base - (lr / bias_correction1) * new_exp_avg / denom
+
+
+class VirtualRates(Mapping):
+    """
+    The diagonal L = dw'/dgrad of a virtual step, by parameter name: a float for SGD, a tensor for Adam / AdamW
+    (its preconditioner, held constant). Computed when read, from the optimizer state and the gradient the virtual
+    step used, so that no parameter-sized copy of L is held while w' is: read it before the real step, and leave
+    the gradient unchanged until then.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], grads: ParamDict, coef):
+        self.optimizer, self.params, self.grads, self.coef = optimizer, params, grads, coef
+        self.groups = _param_groups(optimizer)
+
+    def __getitem__(self, name: str) -> torch.Tensor | float:
+        param = self.params[name]
+        group, state = self.groups[id(param)], self.optimizer.state.get(param, {})
+        if isinstance(self.optimizer, torch.optim.SGD):
+            return _sgd_rate(group, state, self.coef)
+        decoupled = isinstance(self.optimizer, torch.optim.AdamW)
+        beta1 = group["betas"][0]
+        denom, _, bias_correction1 = _adam_moments(
+            param.detach(), self.grads[name].detach(), group, state, decoupled, self.coef, first=False
+        )
+        return denom.reciprocal_().mul_(float(group["lr"]) * (1 - beta1) * self.coef / bias_correction1)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def virtual_step(
-    params: dict[str, torch.Tensor], grads: ParamDict, optimizer: torch.optim.Optimizer
-) -> tuple[ParamDict, dict[str, torch.Tensor | float]]:
+    params: dict[str, torch.Tensor],
+    grads: ParamDict,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float | None = None,
+) -> tuple[ParamDict, VirtualRates]:
     """
-    The main optimizer's next update applied out of place: w' = w - step(grad), with its current state, param-group
-    hyper-parameters and learning rate (so schedules apply to the virtual step too).
+    The main optimizer's next update applied out of place: w' = w - step(clip(grad)), with its current state,
+    param-group hyper-parameters and learning rate (so schedules apply to the virtual step too), and the gradient
+    clipped by its global norm as the `Trainer` clips it before the real step (`max_grad_norm`). w' is then the very
+    weights the real step reaches with the same gradient.
 
     Args:
         params: the trainable parameters by name (as registered in `optimizer`).
         grads: the gradient for each parameter (may carry a graph; w' then does too).
         optimizer: a torch SGD, Adam or AdamW (or an accelerate wrapper of one).
+        max_grad_norm: the clipping threshold of the real step (`None` or <= 0: no clipping). The clip factor is held
+            constant (it enters L).
 
     Returns:
-        `(virtual_params, virtual_lr)`: w' by name, and the diagonal L = dw'/dgrad by name (a float for SGD, a tensor
-        for Adam).
+        `(virtual_params, virtual_lr)`: w' by name, and the diagonal L = dw'/dgrad by name ([`VirtualRates`]: a
+        float for SGD, a tensor for Adam, computed when read).
     """
     inner = check_optimizer(optimizer)
     groups = _param_groups(inner)
-    virtual_params, virtual_lr = {}, {}
+    coef = clip_coefficient(grads, max_grad_norm)
+    virtual_params = {}
     for name, param in params.items():
         group, state = groups[id(param)], inner.state.get(param, {})
         weight = param.detach()
         if isinstance(inner, torch.optim.SGD):
-            virtual_params[name], virtual_lr[name] = _sgd_step(weight, grads[name], group, state)
+            virtual_params[name] = _sgd_step(weight, grads[name], group, state, coef)
         else:
             decoupled = isinstance(inner, torch.optim.AdamW)
-            virtual_params[name], virtual_lr[name] = _adam_step(weight, grads[name], group, state, decoupled)
-    return virtual_params, virtual_lr
+            virtual_params[name] = _adam_step(weight, grads[name], group, state, decoupled, coef)
+    return virtual_params, VirtualRates(inner, params, grads, coef)
 
 
 def loss_and_grads(
@@ -328,6 +401,21 @@ class MetaBatch:
 
 
 @dataclass
+class CleanPass:
+    """
+    A clean batch's loss and gradient at given weights (detached, reduced across processes), with its number of rows.
+
+    A meta step computes one at w' (the meta objective). When the real step then applies exactly the virtual step's
+    update, w' *is* the next step's w, so the next step's main loss can take its clean term from it instead of
+    running the clean batch at w again (`carried_clean_pass`): the same gradient, one forward/backward fewer.
+    """
+
+    loss: torch.Tensor
+    grads: ParamDict
+    num_rows: int
+
+
+@dataclass
 class MetaStepOutput:
     """
     What one meta step computed. All tensors are detached.
@@ -339,6 +427,7 @@ class MetaStepOutput:
         clean_loss: the clean loss at w' (the meta objective).
         corrected_labels: the corrector's soft labels for the noisy batch.
         gamma: the look-ahead discount, or `None` when it was not needed.
+        clean_pass: the clean batch's loss and gradient g' at w' (unscaled), when `keep_clean_pass` was asked.
     """
 
     main_grads: ParamDict
@@ -347,6 +436,7 @@ class MetaStepOutput:
     clean_loss: torch.Tensor
     corrected_labels: torch.Tensor
     gamma: torch.Tensor | None = None
+    clean_pass: CleanPass | None = None
 
 
 def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
@@ -366,9 +456,14 @@ class _MainPass:
 
 
 def _main_loss_and_grads(
-    model, corrector, head, batch: MetaBatch, clean_in_main_loss, need_clean_grads, create_graph, autocast
+    model, corrector, head, batch: MetaBatch, clean_in_main_loss, need_clean_grads, create_graph, autocast, carried
 ) -> _MainPass:
-    """Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels), and grads."""
+    """
+    Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels), and grads.
+    With a `carried` clean pass at w (and no need of this clean batch's own gradient at w), the clean term is taken
+    from it instead of a forward/backward of `batch`'s clean rows.
+    """
+    use_carried = carried is not None and clean_in_main_loss and not need_clean_grads
     params = trainable_parameters(model)
     # Double backward needs attention on SDPA's math backend: the fused CPU kernels have no second derivative.
     attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
@@ -377,7 +472,8 @@ def _main_loss_and_grads(
     corrected = corrector(store["features"], batch.noisy_labels)
     noisy_loss = soft_cross_entropy(noisy_logits, corrected if create_graph else corrected.detach())
 
-    num_noisy, num_clean = len(batch.noisy_labels), len(batch.clean_labels)
+    num_noisy = len(batch.noisy_labels)
+    num_clean = carried.num_rows if use_carried else len(batch.clean_labels)
     noisy_weight = num_noisy / (num_noisy + num_clean) if clean_in_main_loss else 1.0
     grads = torch.autograd.grad(
         noisy_weight * noisy_loss, list(params.values()), create_graph=create_graph, allow_unused=True
@@ -387,7 +483,12 @@ def _main_loss_and_grads(
     main_loss = noisy_weight * noisy_loss.detach()
     clean_grads = None
     if clean_in_main_loss or need_clean_grads:
-        clean_loss_at_w, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, autocast=autocast)
+        if use_carried:
+            clean_loss_at_w, clean_grads = carried.loss, carried.grads
+        else:
+            clean_loss_at_w, clean_grads = loss_and_grads(
+                model, batch.clean_inputs, batch.clean_labels, autocast=autocast
+            )
         if clean_in_main_loss:
             main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
             if create_graph:  # `noisy_grads` must stay as they are (they carry the graph the meta-gradient needs)
@@ -409,13 +510,15 @@ def corrected_label_step(
     clean_in_main_loss: bool = True,
     reduce: Reduce | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    carried_clean_pass: CleanPass | None = None,
 ) -> MetaStepOutput:
     """
     The main-net half of a step without the meta step (between meta updates, `meta_update_interval > 1`): the
     gradient of the main loss against the current corrector's labels. `meta_grads` is empty, `clean_loss` is NaN.
+    `carried_clean_pass`: as in [`meta_step`].
     """
     main = _main_loss_and_grads(
-        model, corrector, head, batch, clean_in_main_loss, False, create_graph=False, autocast=autocast
+        model, corrector, head, batch, clean_in_main_loss, False, False, autocast, carried_clean_pass
     )
     _reduce_dict(reduce, main.main_grads)
     nan = torch.tensor(float("nan"))
@@ -434,6 +537,9 @@ def meta_step(
     lookahead: LookaheadBuffer | None = None,
     reduce: Reduce | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_grad_norm: float | None = None,
+    carried_clean_pass: CleanPass | None = None,
+    keep_clean_pass: bool = False,
 ) -> MetaStepOutput:
     """
     One MLC meta step: main loss at w, virtual step, clean loss at w', meta-gradient. Neither net is updated here.
@@ -449,6 +555,13 @@ def meta_step(
         lookahead: the k-step buffer; when it holds an earlier meta-gradient the discount gamma is computed.
         reduce: averages a list of tensors across processes in place (DDP); `None` on one process.
         autocast: a context manager factory for mixed precision.
+        max_grad_norm: the real step's gradient clipping (`TrainingArguments.max_grad_norm`), which the virtual step
+            reproduces.
+        carried_clean_pass: the clean term of the main loss, already computed at this step's w (the previous meta
+            step's `clean_pass`, valid only if the real step applied exactly that step's virtual update). Unused when
+            the look-ahead discount needs this batch's own clean gradient at w.
+        keep_clean_pass: return the clean loss and gradient at w' as `clean_pass` (costs one parameter-sized copy,
+            kept until the caller drops it).
     """
     if meta_gradient not in ("jvp", "reference"):
         raise ValueError(f"meta_gradient must be 'jvp' or 'reference', got {meta_gradient!r}")
@@ -456,13 +569,14 @@ def meta_step(
     need_discount = lookahead is not None and lookahead.needs_discount
     rng_before_noisy = _rng_state(batch.noisy_labels.device)
     main = _main_loss_and_grads(
-        model, corrector, head, batch, clean_in_main_loss, need_discount, create_graph=reference, autocast=autocast
+        model, corrector, head, batch, clean_in_main_loss, need_discount, reference, autocast, carried_clean_pass
     )
+    carried_clean_pass = None  # its gradient is in main_grads now; do not hold it longer
     params, main_grads, clean_grads, corrected = main.params, main.main_grads, main.clean_grads, main.corrected
     _reduce_dict(reduce, main_grads)
     _reduce_dict(reduce, clean_grads)
 
-    virtual_params, virtual_lr = virtual_step(params, main_grads, optimizer)
+    virtual_params, virtual_lr = virtual_step(params, main_grads, optimizer, max_grad_norm)
     clean_loss, clean_grads_virtual = loss_and_grads(
         model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast
     )
@@ -470,8 +584,12 @@ def meta_step(
     _reduce_dict(reduce, clean_grads_virtual)
     gamma = discount_factor(clean_grads, clean_grads_virtual, virtual_lr) if need_discount else None
     clean_grads = main.clean_grads = None
-    # v = L * g'. g' is read nowhere else once gamma is known: scale it in place instead of allocating a copy.
-    direction = {name: grad.mul_(virtual_lr[name]) for name, grad in clean_grads_virtual.items()}
+    clean_pass = None
+    if keep_clean_pass:
+        clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(batch.clean_labels))
+        direction = {name: virtual_lr[name] * grad for name, grad in clean_grads_virtual.items()}
+    else:  # v = L * g'. g' is read nowhere else once gamma is known: scale it in place instead of allocating a copy.
+        direction = {name: grad.mul_(virtual_lr[name]) for name, grad in clean_grads_virtual.items()}
     del clean_grads_virtual, virtual_lr
 
     meta_params = [param for param in corrector.parameters() if param.requires_grad]
@@ -488,7 +606,7 @@ def meta_step(
     meta_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, meta_grads)]
     if reduce is not None:
         reduce(meta_grads)
-    return MetaStepOutput(main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma)
+    return MetaStepOutput(main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma, clean_pass)
 
 
 def l2rw_weights(

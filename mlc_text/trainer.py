@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .clean_batches import CleanBatchIterator
 from .config import MLCTrainingArguments
 from .meta_grad import (
+    CleanPass,
     LookaheadBuffer,
     MetaBatch,
     MetaStepOutput,
@@ -222,6 +223,10 @@ class MLCTrainer(CleanDataTrainer):
         self.lookahead = LookaheadBuffer(args.gradient_steps)
         self._pending_meta_grads: list[torch.Tensor] | None = None
         self._pending_gamma: torch.Tensor | float | None = None
+        # The last meta step's clean pass at w' and the global step at which w' becomes the weights (see
+        # `reuse_clean_pass`).
+        self._carried_clean_pass: CleanPass | None = None
+        self._carried_for_step = -1
 
     # ----------------------------------------------------------------------------------------------- set-up hooks
     def head_module(self, model: nn.Module) -> nn.Module:
@@ -252,6 +257,7 @@ class MLCTrainer(CleanDataTrainer):
             "clean_in_main_loss": self.args.clean_in_main_loss,
             "reduce": self.reduce,
             "autocast": self.compute_loss_context_manager,
+            "carried_clean_pass": self._take_carried_clean_pass(),
         }
         if self.state.global_step % self.args.meta_update_interval == 0:
             out = meta_step(
@@ -262,9 +268,14 @@ class MLCTrainer(CleanDataTrainer):
                 self.optimizer,
                 meta_gradient=self.args.meta_gradient,
                 lookahead=self.lookahead,
+                max_grad_norm=self.args.max_grad_norm,
+                keep_clean_pass=self._can_reuse_clean_pass(),
                 **common,
             )
             self._accumulate_meta_grads(out)
+            if out.clean_pass is not None:
+                self._carried_clean_pass, self._carried_for_step = out.clean_pass, self.state.global_step + 1
+                out.clean_pass = None
         else:
             out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
         self.accumulate_main_grads(unwrapped, out.main_grads)
@@ -272,6 +283,21 @@ class MLCTrainer(CleanDataTrainer):
         if self.accelerator.sync_gradients:
             self._meta_optimizer_step()
         return out.main_loss.to(self.args.device) / self.current_gradient_accumulation_steps
+
+    def _can_reuse_clean_pass(self) -> bool:
+        # The real step must apply exactly the virtual one: one micro-batch per optimizer step.
+        return (
+            self.args.reuse_clean_pass and self.args.clean_in_main_loss and self.args.gradient_accumulation_steps == 1
+        )
+
+    def _take_carried_clean_pass(self) -> CleanPass | None:
+        """The carried clean pass if its w' is the current weights (exactly one real step since), else `None`."""
+        carried, self._carried_clean_pass = self._carried_clean_pass, None
+        if carried is None or self._carried_for_step != self.state.global_step:
+            return None
+        if getattr(self.accelerator, "optimizer_step_was_skipped", False):
+            return None
+        return carried
 
     def _accumulate_meta_grads(self, out: MetaStepOutput) -> None:
         # Micro-batches of one optimizer step average their meta-gradients (and discounts), like the main net.
@@ -357,6 +383,16 @@ class MLCTrainer(CleanDataTrainer):
             "corrector": self.corrector.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "lookahead": self.lookahead.state_dict(),
+            # The clean pass the next step reuses (one gradient-sized copy): without it a resumed run would take
+            # another path than an uninterrupted one.
+            "carried_clean_pass": None
+            if self._carried_clean_pass is None
+            else {
+                "loss": self._carried_clean_pass.loss,
+                "grads": self._carried_clean_pass.grads,
+                "num_rows": self._carried_clean_pass.num_rows,
+                "for_step": self._carried_for_step,
+            },
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -364,3 +400,7 @@ class MLCTrainer(CleanDataTrainer):
         self.corrector.load_state_dict(state["corrector"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.lookahead.load_state_dict(state["lookahead"])
+        carried = state.get("carried_clean_pass")
+        if carried is not None:
+            self._carried_clean_pass = CleanPass(carried["loss"], carried["grads"], carried["num_rows"])
+            self._carried_for_step = carried["for_step"]

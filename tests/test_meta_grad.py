@@ -9,6 +9,7 @@ from mlc_text.meta_grad import (
     LookaheadBuffer,
     MetaBatch,
     check_optimizer,
+    clip_coefficient,
     discount_factor,
     loss_and_grads,
     meta_step,
@@ -59,8 +60,11 @@ def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> 
     return ((actual_flat - expected_flat).norm() / expected_flat.norm()).item()
 
 
-def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_main_loss=True):
-    """d(clean loss at w'(a))/da is what the meta-gradient must equal: this is that loss as a function of `a`."""
+def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_main_loss=True, clip=1.0):
+    """
+    d(clean loss at w'(a))/da is what the meta-gradient must equal: this is that loss as a function of `a`. `clip`:
+    a gradient-clipping factor, held constant as the virtual step holds it.
+    """
     params = trainable_parameters(model)
     head = find_head_module(model)
     with capture_head_features(head) as store:
@@ -72,18 +76,35 @@ def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_m
         clean = torch.nn.functional.cross_entropy(model(**batch.clean_inputs).logits, batch.clean_labels)
         loss = (num_noisy * loss + num_clean * clean) / (num_noisy + num_clean)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    virtual_params, _ = virtual_step(params, grads, optimizer)
+    virtual_params, _ = virtual_step(params, {name: clip * grad for name, grad in grads.items()}, optimizer)
     logits = torch.func.functional_call(model, virtual_params, args=(), kwargs=batch.clean_inputs).logits
     return torch.nn.functional.cross_entropy(logits, batch.clean_labels)
 
 
-@pytest.mark.parametrize("clean_in_main_loss", [True, False])
-def test_reference_matches_finite_differences(clean_in_main_loss):
-    model, corrector, optimizer, batch = make_setup("sgd")
+@pytest.mark.parametrize(
+    "optimizer_name,clean_in_main_loss,clipped",
+    [("sgd", True, False), ("sgd", False, False), ("sgd", True, True), ("sgd_dampened", False, True)],
+)
+def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss, clipped):
+    model, corrector, optimizer, batch = make_setup(optimizer_name)
     head = find_head_module(model)
+    max_grad_norm = None
+    if clipped:  # a threshold well below the main gradient's norm, so that the virtual step clips
+        unclipped = meta_step(model, corrector, head, batch, optimizer, clean_in_main_loss=clean_in_main_loss)
+        norm = torch.sqrt(sum(g.square().sum() for g in unclipped.main_grads.values())).item()
+        max_grad_norm = 0.3 * norm
     out = meta_step(
-        model, corrector, head, batch, optimizer, meta_gradient="reference", clean_in_main_loss=clean_in_main_loss
+        model,
+        corrector,
+        head,
+        batch,
+        optimizer,
+        meta_gradient="reference",
+        clean_in_main_loss=clean_in_main_loss,
+        max_grad_norm=max_grad_norm,
     )
+    clip = clip_coefficient(out.main_grads, max_grad_norm)
+    assert clip < 0.5 if clipped else clip == 1.0
     # Central differences along a random direction of the corrector's parameters.
     generator = torch.Generator().manual_seed(5)
     meta_params = list(corrector.parameters())
@@ -95,7 +116,9 @@ def test_reference_matches_finite_differences(clean_in_main_loss):
         with torch.no_grad():
             for p, d in zip(shifted.parameters(), direction):
                 p.add_(sign * epsilon * d)
-        values.append(clean_loss_after_virtual_step(model, shifted, optimizer, batch, clean_in_main_loss).item())
+        values.append(
+            clean_loss_after_virtual_step(model, shifted, optimizer, batch, clean_in_main_loss, clip=clip).item()
+        )
     finite_difference = (values[0] - values[1]) / (2 * epsilon)
     analytic = sum((g * d).sum() for g, d in zip(out.meta_grads, direction)).item()
     assert abs(analytic) > 1e-8, "degenerate check: the meta-gradient along the direction is zero"
@@ -149,16 +172,83 @@ def test_virtual_step_matches_real_optimizer_step():
             torch.testing.assert_close(virtual_params[param_name], param.detach(), msg=f"{name}: {param_name}")
 
 
+@pytest.mark.parametrize("name", ["sgd", "sgd_dampened", "adamw"])
+def test_virtual_step_with_clipping_matches_clipped_real_step(name):
+    # The Trainer clips the gradient by its global norm before the real step; the virtual step must land on the same
+    # weights, or w' is not the next step's w.
+    model, _, optimizer, batch = make_setup(name)
+    params = trainable_parameters(model)
+    _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    norm = torch.sqrt(sum(g.square().sum() for g in grads.values())).item()
+    max_grad_norm = 0.25 * norm
+    virtual_params, _ = virtual_step(params, grads, optimizer, max_grad_norm=max_grad_norm)
+    unclipped, _ = virtual_step(params, grads, optimizer)
+    for param_name, param in params.items():
+        param.grad = grads[param_name].clone()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    moved = False
+    for param_name, param in params.items():
+        torch.testing.assert_close(virtual_params[param_name], param.detach(), msg=f"{name}: {param_name}")
+        moved |= not torch.allclose(unclipped[param_name], param.detach())
+    assert moved, "degenerate check: clipping changed nothing"
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("meta_gradient", ["jvp", "reference"])
+def test_carried_clean_pass_is_the_clean_gradient_at_the_next_weights(optimizer_name, meta_gradient):
+    # After the real (clipped) step, the clean pass a meta step made at w' is the clean batch's loss and gradient at
+    # the new weights; a step that carries it computes what a step that runs that clean batch at w computes.
+    model, corrector, optimizer, batch = make_setup(optimizer_name)
+    head = find_head_module(model)
+    max_grad_norm = 0.05
+    first = meta_step(
+        model,
+        corrector,
+        head,
+        batch,
+        optimizer,
+        meta_gradient=meta_gradient,
+        max_grad_norm=max_grad_norm,
+        keep_clean_pass=True,
+    )
+    assert clip_coefficient(first.main_grads, max_grad_norm) < 1.0, "degenerate check: no clipping"
+    params = trainable_parameters(model)
+    for name, param in params.items():
+        param.grad = first.main_grads[name].clone()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    clean_loss, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    carried = first.clean_pass
+    assert carried.num_rows == len(batch.clean_labels)
+    torch.testing.assert_close(carried.loss, clean_loss)
+    assert relative_error(list(carried.grads.values()), [clean_grads[n] for n in carried.grads]) < 1e-6
+
+    # Next step: new noisy rows and a new clean batch for the meta objective; the main loss's clean term is the
+    # previous clean batch, either run again at w or carried.
+    following = make_setup(optimizer_name, seed=4)[3]
+    previous_clean = MetaBatch(following.noisy_inputs, following.noisy_labels, batch.clean_inputs, batch.clean_labels)
+    recomputed = meta_step(model, corrector, head, previous_clean, optimizer, meta_gradient=meta_gradient)
+    with_carried = meta_step(
+        model, corrector, head, previous_clean, optimizer, meta_gradient=meta_gradient, carried_clean_pass=carried
+    )
+    torch.testing.assert_close(with_carried.main_loss, recomputed.main_loss)
+    assert relative_error(list(with_carried.main_grads.values()), list(recomputed.main_grads.values())) < 1e-6
+    assert relative_error(with_carried.meta_grads, recomputed.meta_grads) < 1e-6
+
+
 def test_virtual_step_uses_scheduled_learning_rate():
     model, _, optimizer, batch = make_setup("sgd")
     params = trainable_parameters(model)
     _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
-    _, lr_before = virtual_step(params, grads, optimizer)
+    name = next(iter(params))
+    lr_before = virtual_step(params, grads, optimizer)[1][name]  # L is computed when read: read it now
     for group in optimizer.param_groups:
         group["lr"] *= 0.5
     _, lr_after = virtual_step(params, grads, optimizer)
-    name = next(iter(params))
-    assert lr_after[name] == pytest.approx(0.5 * lr_before[name])
+    assert lr_after[name] == pytest.approx(0.5 * lr_before)
 
 
 def test_unsupported_optimizer_is_rejected():
@@ -227,3 +317,27 @@ def test_l2rw_weights_match_literal_double_backward(optimizer_name):
     raw = (-eps_grad).clamp_min(0)
     assert raw.sum() > 0 and (raw == 0).sum() < len(raw), "degenerate check: all or no weights positive"
     torch.testing.assert_close(weights, raw / raw.sum())
+
+
+def test_adam_rates_are_the_preconditioner_of_the_real_step():
+    # L for AdamW: lr (1 - beta1) / (bias_correction1 (sqrt(v_new / bias_correction2) + eps)), with v_new the second
+    # moment the real step then stores, times the clip factor.
+    model, _, optimizer, batch = make_setup("adamw")
+    params = trainable_parameters(model)
+    _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    max_grad_norm = 0.5 * torch.sqrt(sum(g.square().sum() for g in grads.values())).item()
+    _, rates = virtual_step(params, grads, optimizer, max_grad_norm=max_grad_norm)
+    coef = clip_coefficient(grads, max_grad_norm)
+    read = {name: rates[name].clone() for name in params}  # before the real step changes the state
+    for name, param in params.items():
+        param.grad = grads[name].clone()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    group = optimizer.param_groups[0]
+    (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+    for name, param in params.items():
+        state = optimizer.state[param]
+        step = float(state["step"])
+        denom = state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5 + eps
+        expected = coef * lr * (1 - beta1) / ((1 - beta1**step) * denom)
+        torch.testing.assert_close(read[name], expected, msg=name)

@@ -232,3 +232,39 @@ def test_unsupported_parallelism_is_refused(setting, message):
     args = SimpleNamespace(**{"fp16": False, "fsdp": "", "deepspeed": None, **setting})
     with pytest.raises(ValueError, match=message):
         check_parallelism(args)
+
+
+class CountingTrainer(MLCTrainer):
+    """Counts the clean batch's forward/backward passes at w (the main loss's clean term) of each step."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        from mlc_text import meta_grad
+
+        original, calls = meta_grad.loss_and_grads, []
+
+        def counting(model, inputs, labels, params=None, **kwargs):
+            calls.append(params is None)  # params=None: at the model's own weights w
+            return original(model, inputs, labels, params=params, **kwargs)
+
+        meta_grad.loss_and_grads = counting
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            meta_grad.loss_and_grads = original
+        self.clean_passes_at_w = getattr(self, "clean_passes_at_w", []) + [sum(calls)]
+        return loss
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({}, [1, 0, 0, 0, 0, 0]),  # the first step has nothing to reuse
+        ({"reuse_clean_pass": False}, [1] * 6),
+        ({"gradient_accumulation_steps": 2, "max_steps": 3}, [1] * 6),  # real step != one micro-batch's virtual step
+        ({"meta_update_interval": 2}, [1, 0, 1, 0, 1, 0]),  # a corrected step leaves no clean pass at w'
+    ],
+)
+def test_clean_pass_is_reused_only_when_exact(tmp_path, overrides, expected):
+    trainer = make_trainer(tmp_path, trainer_class=CountingTrainer, **overrides)
+    trainer.train()
+    assert trainer.clean_passes_at_w == expected
