@@ -19,6 +19,7 @@ instead of it; nothing is tuned on the test split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlc_text.config import METHODS  # noqa: E402
+from mlc_text.config import METHODS, MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
 
@@ -50,6 +51,7 @@ KEY_FIELDS = (
     "max_train_samples",
     "max_length",
     "meta_learning_rate",
+    "mlc_settings",
 )
 
 
@@ -76,6 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[3e-5, 1e-3],
         help="MLC runs once per value (3e-5: the paper's default; a short budget may need more).",
     )
+    parser.add_argument(
+        "--mlc_settings",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MLCTrainingArguments for the mlc runs only, e.g. skip_connection=true gradient_steps=3 "
+        "(part of the run's key; the report shows them beside the method).",
+    )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "accuracy.jsonl"))
     parser.add_argument("--runs_dir", default=None, help="Where the runs' folders go (default: a temporary folder).")
     parser.add_argument("--data_dir", default=os.environ.get("MLC_TEXT_DATA_DIR"))
@@ -85,8 +95,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def parse_settings(items: list[str]) -> dict:
+    """`KEY=VALUE` strings to a dict; values are read as JSON where they parse (true, 3, 1e-4), else kept as text."""
+    fields = {field.name for field in dataclasses.fields(MLCTrainingArguments)}
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--mlc_settings: {item!r} is not KEY=VALUE")
+        if key not in fields:
+            raise SystemExit(f"--mlc_settings: {key!r} is not an MLCTrainingArguments field")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def settings_key(settings: dict) -> str | None:
+    """The canonical text of `--mlc_settings` in a run's key, `None` when there are none."""
+    return ",".join(f"{key}={json.dumps(settings[key])}" for key in sorted(settings)) or None
+
+
+def code_version() -> str | None:
+    """The checkout's commit (short), with `-dirty` if the package or recipes have uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "mlc_text", "recipes"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
 def _check(args: argparse.Namespace) -> None:
     """Every value is checked before the first run starts, so a typo cannot cost a finished half grid."""
+    args.mlc_settings = parse_settings(args.mlc_settings)
     bad_methods = [method for method in args.methods if method not in METHODS]
     if bad_methods:
         raise SystemExit(f"--methods: {bad_methods} not among {', '.join(METHODS)}")
@@ -125,6 +172,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
             }
             if meta_lr is not None:
                 run["meta_learning_rate"] = meta_lr
+                if args.mlc_settings:
+                    run["mlc_settings"] = settings_key(args.mlc_settings)
             runs.append(run)
     return runs
 
@@ -162,6 +211,7 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "meta_learning_rate": run.get("meta_learning_rate", 3e-5),
+        **(args.mlc_settings if run.get("mlc_settings") else {}),
         "output_dir": output_dir,
         "overwrite_output_dir": True,
         "eval_strategy": "no",  # the final checkpoint is the one reported; do_eval still scores it on validation
@@ -174,6 +224,8 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
 def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
     name = "-".join(str(run[key]) for key in ("corpus", "noise_type", "noise_rate", "num_clean_per_class"))
     method = run["method"] + (f"-mlr{run['meta_learning_rate']:g}" if "meta_learning_rate" in run else "")
+    if run.get("mlc_settings"):
+        method += "-" + "".join(ch if ch.isalnum() or ch in "=.," else "_" for ch in run["mlc_settings"])
     output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{method}")
     os.makedirs(output_dir, exist_ok=True)
     config = os.path.join(output_dir, "bench_args.json")
@@ -198,11 +250,13 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
         "train_runtime_s": results["metrics"].get("train", {}).get("train_runtime"),
         "meta_learning_rate": run.get("meta_learning_rate"),
         "rows": results.get("rows"),
+        "code_version": args.code_version,
     }
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.code_version = code_version()
     runs = grid(args)
     done = done_keys(args.output)
     todo = [run for run in runs if run_key(run) not in done]

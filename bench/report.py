@@ -50,11 +50,17 @@ def fmt(mean: float, std: float | None, scale: float = 100.0) -> str:
 
 
 def method_label(row: dict) -> str:
-    """`mlc` at the paper's meta learning rate (3e-5); other rates get their own row, e.g. `mlc@0.001`."""
+    """
+    `mlc` at the paper's meta learning rate (3e-5) and default settings; other rates and `--mlc_settings` get their own
+    row, e.g. `mlc@0.001` or `mlc[skip_connection=true]`.
+    """
+    label = row["method"]
     rate = row.get("meta_learning_rate")
     if row["method"] == "mlc" and rate is not None and abs(rate - 3e-5) > 1e-12:
-        return f"mlc@{rate:g}"
-    return row["method"]
+        label = f"mlc@{rate:g}"
+    if row.get("mlc_settings"):
+        label += f"[{row['mlc_settings']}]"
+    return label
 
 
 def summarise(rows: list[dict]) -> dict[tuple, dict[str, dict]]:

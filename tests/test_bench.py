@@ -35,9 +35,31 @@ def test_grid_resumes_from_the_lines_already_written(tmp_path, data_dir):
     assert accuracy.run_key(runs[0]) in done and accuracy.run_key(runs[1]) not in done
 
 
+def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
+    accuracy = load("accuracy")
+    argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "finetune"]
+    argv += ["--noise_types", "flip", "--noise_rates", "0.4", "--seeds", "0", "--meta_learning_rates", "3e-5"]
+    plain_runs = accuracy.grid(accuracy.parse_args(argv))
+    args = accuracy.parse_args([*argv, "--mlc_settings", "skip_connection=true", "gradient_steps=3"])
+    runs = accuracy.grid(args)
+    mlc = next(run for run in runs if run["method"] == "mlc")
+    finetune = next(run for run in runs if run["method"] == "finetune")
+    assert mlc["mlc_settings"] == "gradient_steps=3,skip_connection=true" and "mlc_settings" not in finetune
+    recipe = accuracy.recipe_arguments(mlc, args, str(tmp_path))
+    assert recipe["skip_connection"] is True and recipe["gradient_steps"] == 3
+    assert "skip_connection" not in accuracy.recipe_arguments(finetune, args, str(tmp_path))
+    # a variant is its own run; the same settings' finetune run is the plain grid's
+    plain_keys = {accuracy.run_key(run) for run in plain_runs}
+    assert accuracy.run_key(mlc) not in plain_keys and accuracy.run_key(finetune) in plain_keys
+    report = load("report")
+    assert report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc[gradient_steps=3,skip_connection=true]"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--mlc_settings", "not_a_field=1"], "'not_a_field' is not an MLCTrainingArguments field"),
+        (["--mlc_settings", "skip_connection"], "is not KEY=VALUE"),
         (["--methods", "mwnet"], "--methods: \\['mwnet'\\] not among"),
         (["--noise_rates", "1.5"], "--noise_rates: \\[1.5\\] outside \\[0, 1\\]"),
         (["--noise_types", "matrix"], "--noise_types: \\['matrix'\\]"),
