@@ -16,6 +16,8 @@ import evaluate
 import numpy as np
 from transformers import EvalPrediction
 
+from .noise import confusion_counts
+
 __all__ = [
     "SHIPPED_METRICS",
     "build_compute_metrics",
@@ -203,8 +205,7 @@ def empirical_transition_matrix(true_labels, noisy_labels, num_classes: int) -> 
     true = _as_labels(true_labels, "true_labels", None, num_classes, allow_unknown=True)
     noisy = _as_labels(noisy_labels, "noisy_labels", len(true), num_classes)
     known = true >= 0
-    counts = np.zeros((num_classes, num_classes))
-    np.add.at(counts, (true[known], noisy[known]), 1)
+    counts = confusion_counts(true[known], noisy[known], num_classes)
     totals = counts.sum(axis=1, keepdims=True)
     return np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
 

@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "NOISE_TYPES",
     "build_transition_matrix",
+    "confusion_counts",
     "corrupt",
     "flip_matrix",
     "load_matrix",
@@ -224,6 +225,13 @@ def corrupt(labels: Sequence[int] | np.ndarray, matrix: Any, seed: int) -> np.nd
     return np.minimum(noisy, num_classes - 1).astype(np.int64)
 
 
+def confusion_counts(true_labels: np.ndarray, noisy_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K counts of (true, noisy) label pairs: entry (i, j) = rows with true label i and noisy label j."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(true_labels), np.asarray(noisy_labels)), 1)
+    return counts
+
+
 def noise_report(
     true_labels: Sequence[int] | np.ndarray,
     noisy_labels: Sequence[int] | np.ndarray,
@@ -251,8 +259,7 @@ def noise_report(
     noisy_labels = _as_labels(noisy_labels, num_classes, "noisy_labels")
     if true_labels.shape != noisy_labels.shape:
         raise ValueError(f"true_labels and noisy_labels differ in length: {true_labels.size} vs {noisy_labels.size}")
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (true_labels, noisy_labels), 1)
+    counts = confusion_counts(true_labels, noisy_labels, num_classes)
     row_sums = counts.sum(axis=1, keepdims=True)
     realised = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
     report = {
