@@ -17,7 +17,7 @@ import json
 import math
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +187,13 @@ def render(rows: list[dict], cells, figure_paths: list[Path], results_md: Path, 
         f"{runs} runs from `{source}` ({wall:.1f} h of wall time). Accuracies in %, mean ± standard deviation over "
         "the seeds listed (no ± with one seed). Final checkpoint on the test split; validation = held-out training "
         "rows with their noisy labels. Share of gap = (method − clean_only) / (oracle − clean_only).",
+        "",
+    ]
+    versions = Counter(row.get("code_version") or "not recorded" for row in rows)
+    parts += [
+        "Code version (commit) of the runs: "
+        + ", ".join(f"{version}: {count}" for version, count in sorted(versions.items()))
+        + ". Rows without one were run before `bench/accuracy.py` recorded it.",
         "",
     ]
     parts += [table(cell, methods) + "\n" for cell, methods in cells.items()]
