@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -335,6 +336,30 @@ class MLCTrainer(CleanDataTrainer):
             group["lr"] = self.args.meta_learning_rate * factor
 
     # -------------------------------------------------------------------------------------------- metrics
+    # Mean entropy of the corrected labels, as a share of log K, above which the corrector is said to have stayed flat.
+    FLAT_ENTROPY_SHARE = 0.9
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._warn_if_corrector_stayed_flat()
+        return output
+
+    def _warn_if_corrector_stayed_flat(self) -> None:
+        # Near-uniform corrected labels train the main net towards uniform predictions on every noisy row. Measured
+        # on AG News (MiniLM, 4,000 noisy rows, 20 clean per class, one epoch): at meta_learning_rate 3e-5 the mean
+        # entropy stayed at 0.89-0.99 of log K and test accuracy fell 15 points below plain fine-tuning.
+        entropies = [entry["mean_entropy"] for entry in self.state.log_history if "mean_entropy" in entry]
+        if not entropies:
+            return
+        share = entropies[-1] / math.log(self.model.config.num_labels)
+        if share >= self.FLAT_ENTROPY_SHARE:
+            logger.warning(
+                f"the label corrector's soft labels stayed near uniform (mean entropy {share:.2f} of log K at the last "
+                f"log): it has barely learned in {self.state.global_step} steps at meta_learning_rate="
+                f"{self.args.meta_learning_rate:g}, and near-uniform targets pull the main net towards uniform "
+                "predictions. Train longer or raise meta_learning_rate (see docs/RESULTS.md)."
+            )
+
     def _record(self, out: MetaStepOutput, noisy_labels: torch.Tensor, true_labels: torch.Tensor | None) -> None:
         metrics = self._metrics["train"]
         if not torch.isnan(out.clean_loss):

@@ -268,3 +268,19 @@ def test_clean_pass_is_reused_only_when_exact(tmp_path, overrides, expected):
     trainer = make_trainer(tmp_path, trainer_class=CountingTrainer, **overrides)
     trainer.train()
     assert trainer.clean_passes_at_w == expected
+
+
+def test_a_corrector_that_stays_flat_is_reported(tmp_path, caplog):
+    corrector = LabelCorrector(NUM_LABELS, 32, hidden_size=16, label_embedding_size=8)
+    with torch.no_grad():  # zero output layer: exactly uniform labels, and a tiny meta lr keeps them so
+        corrector.mlp[-1].weight.zero_()
+    trainer = make_trainer(tmp_path, corrector=corrector, meta_learning_rate=1e-9, logging_steps=1)
+    with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+        trainer.train()
+    assert "stayed near uniform" in caplog.text and "meta_learning_rate=1e-09" in caplog.text
+
+    trainer.state.log_history.append({"mean_entropy": 0.1})  # the last log decides: a sharp corrector, no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+        trainer._warn_if_corrector_stayed_flat()
+    assert "stayed near uniform" not in caplog.text
