@@ -117,8 +117,7 @@ def clip_coefficient(grads: ParamDict, max_grad_norm: float | None) -> float:
     """
     if max_grad_norm is None or max_grad_norm <= 0:
         return 1.0
-    norms = [torch.linalg.vector_norm(grad.detach()) for grad in grads.values()]
-    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    total = torch.nn.utils.get_total_norm([grad.detach() for grad in grads.values()]).item()
     return min(1.0, max_grad_norm / (total + 1e-6))
 
 
@@ -186,9 +185,10 @@ class VirtualRates(Mapping):
     the gradient unchanged until then.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], grads: ParamDict, coef):
-        self.optimizer, self.params, self.grads, self.coef = optimizer, params, grads, coef
-        self.groups = _param_groups(optimizer)
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], grads: ParamDict, coef, groups
+    ):
+        self.optimizer, self.params, self.grads, self.coef, self.groups = optimizer, params, grads, coef, groups
 
     def __getitem__(self, name: str) -> torch.Tensor | float:
         param = self.params[name]
@@ -244,7 +244,7 @@ def virtual_step(
         else:
             decoupled = isinstance(inner, torch.optim.AdamW)
             virtual_params[name] = _adam_step(weight, grads[name], group, state, decoupled, coef)
-    return virtual_params, VirtualRates(inner, params, grads, coef)
+    return virtual_params, VirtualRates(inner, params, grads, coef, groups)
 
 
 def loss_and_grads(
