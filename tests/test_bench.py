@@ -98,3 +98,27 @@ def test_report_means_and_gap_share(tmp_path):
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
     assert (tmp_path / "accuracy_ag_news_flip_c100_e1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
+    report = load("report")
+    base = {
+        "corpus": "ag_news", "model": "m", "noise_type": "flip", "noise_rate": 0.4, "num_clean_per_class": 20,
+        "epochs": 1.0, "max_train_samples": 4000, "seed": 0, "wall_s": 1.0,
+    }  # fmt: skip
+    runs = [  # (method, meta lr, test, validation): the best test accuracy has the worse validation accuracy
+        ("clean_only", None, 0.80, 0.50), ("oracle", None, 0.90, 0.60), ("finetune", None, 0.75, 0.52),
+        ("mlc", 3e-5, 0.86, 0.51), ("mlc", 3e-4, 0.84, 0.55),
+    ]  # fmt: skip
+    rows = [
+        {**base, "method": method, "meta_learning_rate": rate, "test_accuracy": test, "test_macro_f1": test,
+         "eval_accuracy": validation}
+        for method, rate, test, validation in runs
+    ]  # fmt: skip
+    cells = report.summarise(rows)
+    (methods,) = cells.values()
+    assert report.chosen_on_validation(methods) == "mlc@0.0003"
+    text = "\n".join(report.selection_table(cells))
+    assert "| mlc@0.0003 | 0 | 84.0 | 75.0 | 80.0 | clean_only 80.0 | +0.40 |" in text
+    assert "the MLC variant chosen on validation: +0.40 over 1 cell(s)" in text
+    assert "mlc at the paper's defaults: +0.60 over 1 cell(s)" in text
