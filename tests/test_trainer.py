@@ -84,6 +84,16 @@ def test_training_changes_both_nets_and_logs(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     for key in ("clean_loss", "meta_grad_norm", "mean_entropy", "correction_accuracy", "fixed_share"):
         assert key in logged[-1], key
+    assert "skip_weight" not in logged[-1]
+
+
+def test_skip_weight_is_logged_and_learned(tmp_path):
+    trainer = make_trainer(tmp_path, skip_connection=True, meta_learning_rate=0.1)
+    trainer.train()
+    weights = [entry["skip_weight"] for entry in trainer.state.log_history if "skip_weight" in entry]
+    assert len(weights) == 3
+    assert weights[-1] == pytest.approx(torch.sigmoid(trainer.corrector.skip_logit).item(), abs=0.05)
+    assert weights[-1] != pytest.approx(0.5, abs=1e-3)  # it starts at 0.5; a large meta learning rate moves it
 
 
 def test_loss_falls_and_correction_beats_noisy_labels(tmp_path):
