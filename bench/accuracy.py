@@ -49,10 +49,13 @@ KEY_FIELDS = (
     "method",
     "seed",
     "max_train_samples",
+    "validation_size",
     "max_length",
     "meta_learning_rate",
     "mlc_settings",
 )
+# Key fields that rows written before they were recorded lack, with the one value those rows used.
+KEY_DEFAULTS = {"validation_size": 500}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,6 +171,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 "method": method,
                 "seed": seed,
                 "max_train_samples": args.max_train_samples,
+                "validation_size": args.validation_size,
                 "max_length": args.max_length,
             }
             if meta_lr is not None:
@@ -179,7 +183,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
 
 
 def run_key(row: dict) -> tuple:
-    return tuple(row.get(name) for name in KEY_FIELDS)
+    return tuple(row.get(name, KEY_DEFAULTS.get(name)) for name in KEY_FIELDS)
 
 
 def done_keys(path: str) -> set[tuple]:
@@ -206,7 +210,7 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "max_train_samples": run["max_train_samples"],
         "max_test_samples": args.max_test_samples,
         "validation_source": "heldout",
-        "validation_size": args.validation_size,
+        "validation_size": run["validation_size"],
         "max_length": run["max_length"],
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
@@ -226,6 +230,8 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
     method = run["method"] + (f"-mlr{run['meta_learning_rate']:g}" if "meta_learning_rate" in run else "")
     if run.get("mlc_settings"):
         method += "-" + "".join(ch if ch.isalnum() or ch in "=.," else "_" for ch in run["mlc_settings"])
+    if run["validation_size"] != KEY_DEFAULTS["validation_size"]:
+        name += f"-v{run['validation_size']}"
     output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{method}")
     os.makedirs(output_dir, exist_ok=True)
     config = os.path.join(output_dir, "bench_args.json")

@@ -35,6 +35,20 @@ def test_grid_resumes_from_the_lines_already_written(tmp_path, data_dir):
     assert accuracy.run_key(runs[0]) in done and accuracy.run_key(runs[1]) not in done
 
 
+def test_validation_size_is_part_of_the_key(tmp_path, data_dir):
+    accuracy = load("accuracy")
+    output = tmp_path / "accuracy.jsonl"
+    argv = ["--data_dir", data_dir, "--output", str(output), "--methods", "finetune", "--seeds", "0"]
+    (default,) = accuracy.grid(accuracy.parse_args([*argv, "--noise_types", "flip", "--noise_rates", "0.4"]))
+    args = accuracy.parse_args([*argv, "--noise_types", "flip", "--noise_rates", "0.4", "--validation_size", "100"])
+    (small,) = accuracy.grid(args)
+    assert accuracy.recipe_arguments(small, args, str(tmp_path))["validation_size"] == 100
+    old_row = {key: value for key, value in default.items() if key != "validation_size"}  # written before the field
+    output.write_text(json.dumps({**old_row, "test_accuracy": 0.5}) + "\n")
+    done = accuracy.done_keys(str(output))
+    assert accuracy.run_key(default) in done and accuracy.run_key(small) not in done
+
+
 def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     accuracy = load("accuracy")
     argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "finetune"]
