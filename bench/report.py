@@ -131,6 +131,16 @@ def table(cell: tuple, methods: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def best_baseline(methods: dict[str, dict]) -> str | None:
+    """The method with the best mean test accuracy in a cell, MLC variants and the oracle left out."""
+    baselines = [name for name in methods if not name.startswith("mlc") and name != "oracle"]
+    return max(baselines, key=lambda name: methods[name]["test_accuracy"][0], default=None)
+
+
+def accuracy_of(methods: dict[str, dict], name: str | None) -> str:
+    return fmt(*methods[name]["test_accuracy"]) if name in methods else "-"
+
+
 def verdicts(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     """Per cell: MLC against plain fine-tuning and against the best other method, in points, per seed."""
     lines = []
@@ -140,11 +150,10 @@ def verdicts(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         mlc, finetune = methods["mlc"], methods["finetune"]
         shared = sorted(set(mlc["by_seed"]) & set(finetune["by_seed"]))
         deltas = [100 * (mlc["by_seed"][seed] - finetune["by_seed"][seed]) for seed in shared]
-        others = {name: stats for name, stats in methods.items() if not name.startswith("mlc") and name != "oracle"}
-        best = max(others, key=lambda name: others[name]["test_accuracy"][0])
+        best = best_baseline(methods)
         lines.append(
             f"- {cell_title(cell)}: MLC − finetune per seed: {', '.join(f'{delta:+.1f}' for delta in deltas)} points; "
-            f"best non-oracle method other than MLC: {best} ({fmt(*others[best]['test_accuracy'])}), "
+            f"best non-oracle method other than MLC: {best} ({accuracy_of(methods, best)}), "
             f"MLC {fmt(*mlc['test_accuracy'])}."
         )
     return lines
@@ -175,8 +184,7 @@ def selection_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         chosen = chosen_on_validation(methods)
         if chosen is None:
             continue
-        baselines = {name: stats for name, stats in methods.items() if not name.startswith("mlc") and name != "oracle"}
-        best = max(baselines, key=lambda name: baselines[name]["test_accuracy"][0]) if baselines else None
+        best = best_baseline(methods)
         stats = methods[chosen]
         gap = stats["gap_recovered"]
         for label, value in (
@@ -186,13 +194,10 @@ def selection_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
             if value is not None:
                 shares[label].append(value)
 
-        def cell_of(name, methods=methods):
-            return fmt(*methods[name]["test_accuracy"]) if name in methods else "-"
-
         lines.append(
             f"| {cell_title(cell)} | {chosen} | {','.join(map(str, stats['seeds']))} | {fmt(*stats['test_accuracy'])} "
-            f"| {cell_of('finetune')} | {cell_of('clean_only')} "
-            f"| {f'{best} {cell_of(best)}' if best else '-'} | {'-' if gap is None else f'{gap:+.2f}'} |"
+            f"| {accuracy_of(methods, 'finetune')} | {accuracy_of(methods, 'clean_only')} "
+            f"| {f'{best} {accuracy_of(methods, best)}' if best else '-'} | {'-' if gap is None else f'{gap:+.2f}'} |"
         )
     lines.append("")
     for label, values in shares.items():
