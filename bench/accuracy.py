@@ -134,6 +134,13 @@ def code_version() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def device_name() -> str:
+    """What the runs train on: the first GPU's name, else `cpu` (the recipe uses the GPU whenever there is one)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def _check(args: argparse.Namespace) -> None:
     """Every value is checked before the first run starts, so a typo cannot cost a finished half grid."""
     args.mlc_settings = parse_settings(args.mlc_settings)
@@ -257,12 +264,14 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
         "meta_learning_rate": run.get("meta_learning_rate"),
         "rows": results.get("rows"),
         "code_version": args.code_version,
+        "device": args.device,
     }
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.code_version = code_version()
+    args.device = device_name()
     runs = grid(args)
     done = done_keys(args.output)
     todo = [run for run in runs if run_key(run) not in done]

@@ -43,6 +43,11 @@ class MLCTrainingArguments(TrainingArguments):
             main-net steps before the corrector's optimizer steps.
         skip_connection (`bool`, *optional*, defaults to `False`):
             Corrected label = (1 - s) * g + s * onehot(noisy label), with the mixing weight s learned.
+        skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the skip connection's weight alone (its logit); `None` uses `meta_learning_rate`. Adam
+            moves the logit by about one learning rate per step whatever the gradient's size, so at the meta learning
+            rates that suit the corrector s can travel only `steps * lr` in logit space (0.04 over 125 steps at
+            3e-4): a short run keeps it at its starting 0.5. Needs `skip_connection`.
         clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Rows per clean (trusted) batch on each process; `None` uses `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
@@ -83,6 +88,10 @@ class MLCTrainingArguments(TrainingArguments):
     skip_connection: bool = field(
         default=False, metadata={"help": "Mix the corrected label with the one-hot noisy label by a learned weight."}
     )
+    skip_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the skip connection's weight alone (None: meta_learning_rate)."},
+    )
     clean_batch_size: int | None = field(
         default=None, metadata={"help": "Clean rows per batch and process; defaults to the training batch size."}
     )
@@ -114,6 +123,13 @@ class MLCTrainingArguments(TrainingArguments):
             raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {self.meta_gradient!r}")
         if not self.meta_learning_rate > 0:
             raise ValueError(f"meta_learning_rate must be > 0, got {self.meta_learning_rate}")
+        if self.skip_learning_rate is not None:
+            if not self.skip_connection:
+                raise ValueError(
+                    f"skip_learning_rate={self.skip_learning_rate} needs skip_connection=True (there is no skip weight)"
+                )
+            if not self.skip_learning_rate > 0:
+                raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
         if self.meta_weight_decay < 0:
             raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay}")
         for name in ("meta_hidden_size", "label_embedding_size", "gradient_steps", "meta_update_interval"):

@@ -225,7 +225,10 @@ class MLCTrainer(CleanDataTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
         self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
-            self.corrector.parameters(), lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay, amsgrad=True
+            self._corrector_param_groups(),
+            lr=args.meta_learning_rate,
+            weight_decay=args.meta_weight_decay,
+            amsgrad=True,
         )
         self.lookahead = LookaheadBuffer(args.gradient_steps)
         self._pending_meta_grads: list[torch.Tensor] | None = None
@@ -250,6 +253,20 @@ class MLCTrainer(CleanDataTrainer):
                 label_embedding_size=self.args.label_embedding_size,
                 skip_connection=self.args.skip_connection,
             )
+
+    def _corrector_param_groups(self) -> list[dict]:
+        """
+        The corrector's parameters for its optimizer: one group, or two with `skip_learning_rate` (the skip weight
+        alone in the second). `base_lr` is the learning rate that `meta_lr_follows_schedule` scales.
+        """
+        skip_logit = getattr(self.corrector, "skip_logit", None)
+        if skip_logit is None or self.args.skip_learning_rate is None:
+            return [{"params": list(self.corrector.parameters()), "base_lr": self.args.meta_learning_rate}]
+        others = [param for param in self.corrector.parameters() if param is not skip_logit]
+        return [
+            {"params": others, "base_lr": self.args.meta_learning_rate},
+            {"params": [skip_logit], "lr": self.args.skip_learning_rate, "base_lr": self.args.skip_learning_rate},
+        ]
 
     # ---------------------------------------------------------------------------------------------- the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -339,7 +356,7 @@ class MLCTrainer(CleanDataTrainer):
             return
         factor = self._get_learning_rate() / self.args.learning_rate
         for group in self.meta_optimizer.param_groups:
-            group["lr"] = self.args.meta_learning_rate * factor
+            group["lr"] = group["base_lr"] * factor
 
     # -------------------------------------------------------------------------------------------- metrics
     # Mean entropy of the corrected labels, as a share of log K, above which the corrector is said to have stayed flat.

@@ -96,6 +96,34 @@ def test_skip_weight_is_logged_and_learned(tmp_path):
     assert weights[-1] != pytest.approx(0.5, abs=1e-3)  # it starts at 0.5; a large meta learning rate moves it
 
 
+def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
+    # At the corrector's learning rate the skip weight barely leaves 0.5 in a few steps; its own larger rate moves it.
+    runs = {}
+    for skip_lr in (None, 0.5):
+        trainer = make_trainer(tmp_path, skip_connection=True, meta_learning_rate=1e-4, skip_learning_rate=skip_lr)
+        trainer.train()
+        runs[skip_lr] = trainer
+    assert len(runs[None].meta_optimizer.param_groups) == 1
+    slow, fast = (torch.sigmoid(runs[lr].corrector.skip_logit).item() for lr in (None, 0.5))
+    assert abs(slow - 0.5) < 1e-3 < abs(fast - 0.5)
+    skip_group = runs[0.5].meta_optimizer.param_groups[1]
+    assert skip_group["params"] == [runs[0.5].corrector.skip_logit] and skip_group["base_lr"] == 0.5
+    # both groups follow the main schedule (linear decay to 0 at the last step), each from its own rate
+    assert [group["lr"] for group in runs[0.5].meta_optimizer.param_groups] == pytest.approx([1e-4 / 6, 0.5 / 6])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"skip_learning_rate": 0.1}, "needs skip_connection=True"),
+        ({"skip_learning_rate": 0.0, "skip_connection": True}, "skip_learning_rate must be > 0"),
+    ],
+)
+def test_skip_learning_rate_is_checked(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
+
+
 def test_loss_falls_and_correction_beats_noisy_labels(tmp_path):
     noisy, clean = datasets(num_noisy=320, num_clean=60, noise_rate=0.4)
     trainer = make_trainer(
