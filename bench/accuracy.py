@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,8 +137,6 @@ def code_version() -> str | None:
 
 def device_name() -> str:
     """What the runs train on: the first GPU's name, else `cpu` (the recipe uses the GPU whenever there is one)."""
-    import torch
-
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 

@@ -398,7 +398,8 @@ class MLCTrainer(CleanDataTrainer):
         skip_logit = getattr(self.accelerator.unwrap_model(self.corrector), "skip_logit", None)
         if skip_logit is not None:
             # The weight s of the given label in s * onehot(y~) + (1 - s) * g: while s >= 0.5 the given label stays
-            # the argmax of every corrected label. On AG News in one epoch it stayed at 0.500 (docs/RESULTS.md).
+            # the argmax of every corrected label. On AG News in one epoch it stayed at 0.500 unless
+            # `skip_learning_rate` gave it a rate of its own (docs/RESULTS.md).
             metrics["skip_weight"].append(torch.sigmoid(skip_logit.detach().float()).item())
 
     @torch.no_grad()
