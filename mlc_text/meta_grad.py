@@ -347,8 +347,17 @@ def discount_factor(clean_grads: ParamDict, clean_grads_virtual: ParamDict, virt
     """
     numerator, norm_sq = 0.0, 0.0
     for name, grad in clean_grads.items():
-        numerator = numerator + ((1 - virtual_lr[name]) * clean_grads_virtual[name] * grad).sum()
-        norm_sq = norm_sq + grad.square().sum()
+        term, square = _discount_terms(grad, clean_grads_virtual[name], virtual_lr[name])
+        numerator, norm_sq = numerator + term, norm_sq + square
+    return _discount(numerator, norm_sq)
+
+
+def _discount_terms(grad: torch.Tensor, grad_virtual: torch.Tensor, rate) -> tuple[torch.Tensor, torch.Tensor]:
+    # One parameter's share of gamma's numerator <(1 - L) g', g> and denominator |g|^2.
+    return ((1 - rate) * grad_virtual * grad).sum(), grad.square().sum()
+
+
+def _discount(numerator: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
     return numerator / norm_sq.clamp_min(torch.finfo(norm_sq.dtype).tiny)
 
 
@@ -582,15 +591,19 @@ def meta_step(
     )
     del virtual_params  # w' is needed for the clean pass only; free it before the meta-gradient's pass
     _reduce_dict(reduce, clean_grads_virtual)
-    gamma = discount_factor(clean_grads, clean_grads_virtual, virtual_lr) if need_discount else None
-    clean_grads = main.clean_grads = None
-    clean_pass = None
-    if keep_clean_pass:
-        clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(batch.clean_labels))
-        direction = {name: virtual_lr[name] * grad for name, grad in clean_grads_virtual.items()}
-    else:  # v = L * g'. g' is read nowhere else once gamma is known: scale it in place instead of allocating a copy.
-        direction = {name: grad.mul_(virtual_lr[name]) for name, grad in clean_grads_virtual.items()}
+    clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(batch.clean_labels)) if keep_clean_pass else None
+    # v = L * g' and, with the look-ahead, gamma's terms, reading each parameter's L once (for Adam it is computed
+    # when read). Unless the clean pass is kept, g' is read nowhere else: scale it in place instead of copying it.
+    direction, numerator, norm_sq = {}, 0.0, 0.0
+    for name, grad in clean_grads_virtual.items():
+        rate = virtual_lr[name]
+        if need_discount:
+            term, square = _discount_terms(clean_grads.pop(name), grad, rate)  # free g as it is read
+            numerator, norm_sq = numerator + term, norm_sq + square
+        direction[name] = rate * grad if keep_clean_pass else grad.mul_(rate)
+    gamma = _discount(numerator, norm_sq) if need_discount else None
     del clean_grads_virtual, virtual_lr
+    clean_grads = main.clean_grads = None
 
     meta_params = [param for param in corrector.parameters() if param.requires_grad]
     if reference:

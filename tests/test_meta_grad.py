@@ -278,6 +278,33 @@ def test_lookahead_three_steps_jvp_matches_reference(optimizer_name):
     assert relative_error(totals["jvp"], totals["reference"]) < 1e-5
 
 
+@pytest.mark.parametrize("meta_gradient", ["reference", "jvp"])
+@pytest.mark.parametrize("optimizer_name,keep_clean_pass", [("sgd", False), ("adamw", False), ("adamw", True)])
+def test_meta_step_discount_is_gamma_of_the_clean_gradients(optimizer_name, keep_clean_pass, meta_gradient):
+    # gamma from g (clean gradient at w), g' (at w') and L, each computed here on its own.
+    model, corrector, optimizer, batch = make_setup(optimizer_name)
+    head = find_head_module(model)
+    buffer = LookaheadBuffer(2)
+    buffer.accumulate([torch.zeros_like(p) for p in corrector.parameters()], None)  # a window is open
+    out = meta_step(
+        model,
+        corrector,
+        head,
+        batch,
+        optimizer,
+        meta_gradient=meta_gradient,
+        lookahead=buffer,
+        keep_clean_pass=keep_clean_pass,
+    )
+    params = trainable_parameters(model)
+    _, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    virtual_params, virtual_lr = virtual_step(params, out.main_grads, optimizer)
+    _, clean_grads_virtual = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, params=virtual_params)
+    expected = discount_factor(clean_grads, clean_grads_virtual, virtual_lr)
+    assert out.gamma is not None and abs(expected.item()) > 1e-6
+    torch.testing.assert_close(out.gamma, expected)
+
+
 def test_discount_factor_formula():
     grads = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([2.0])}
     virtual_grads = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([1.0])}
