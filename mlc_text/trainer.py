@@ -235,8 +235,7 @@ class MLCTrainer(CleanDataTrainer):
         self._pending_gamma: torch.Tensor | float | None = None
         # The last meta step's clean pass at w' and the global step at which w' becomes the weights (see
         # `reuse_clean_pass`).
-        self._carried_clean_pass: CleanPass | None = None
-        self._carried_for_step = -1
+        self._carried: tuple[CleanPass, int] | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up hooks
     def head_module(self, model: nn.Module) -> nn.Module:
@@ -298,7 +297,7 @@ class MLCTrainer(CleanDataTrainer):
             )
             self._accumulate_meta_grads(out)
             if out.clean_pass is not None:
-                self._carried_clean_pass, self._carried_for_step = out.clean_pass, self.state.global_step + 1
+                self._carried = (out.clean_pass, self.state.global_step + 1)
                 out.clean_pass = None
         else:
             out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
@@ -316,12 +315,12 @@ class MLCTrainer(CleanDataTrainer):
 
     def _take_carried_clean_pass(self) -> CleanPass | None:
         """The carried clean pass if its w' is the current weights (exactly one real step since), else `None`."""
-        carried, self._carried_clean_pass = self._carried_clean_pass, None
-        if carried is None or self._carried_for_step != self.state.global_step:
+        carried, self._carried = self._carried, None
+        if carried is None or carried[1] != self.state.global_step:
             return None
         if getattr(self.accelerator, "optimizer_step_was_skipped", False):
             return None
-        return carried
+        return carried[0]
 
     def _accumulate_meta_grads(self, out: MetaStepOutput) -> None:
         # Micro-batches of one optimizer step average their meta-gradients (and discounts), like the main net.
@@ -440,12 +439,12 @@ class MLCTrainer(CleanDataTrainer):
             # The clean pass the next step reuses (one gradient-sized copy): without it a resumed run would take
             # another path than an uninterrupted one.
             "carried_clean_pass": None
-            if self._carried_clean_pass is None
+            if self._carried is None
             else {
-                "loss": self._carried_clean_pass.loss,
-                "grads": self._carried_clean_pass.grads,
-                "num_rows": self._carried_clean_pass.num_rows,
-                "for_step": self._carried_for_step,
+                "loss": self._carried[0].loss,
+                "grads": self._carried[0].grads,
+                "num_rows": self._carried[0].num_rows,
+                "for_step": self._carried[1],
             },
         }
 
@@ -456,5 +455,4 @@ class MLCTrainer(CleanDataTrainer):
         self.lookahead.load_state_dict(state["lookahead"])
         carried = state.get("carried_clean_pass")
         if carried is not None:
-            self._carried_clean_pass = CleanPass(carried["loss"], carried["grads"], carried["num_rows"])
-            self._carried_for_step = carried["for_step"]
+            self._carried = (CleanPass(carried["loss"], carried["grads"], carried["num_rows"]), carried["for_step"])
