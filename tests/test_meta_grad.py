@@ -286,16 +286,8 @@ def test_meta_step_discount_is_gamma_of_the_clean_gradients(optimizer_name, keep
     head = find_head_module(model)
     buffer = LookaheadBuffer(2)
     buffer.accumulate([torch.zeros_like(p) for p in corrector.parameters()], None)  # a window is open
-    out = meta_step(
-        model,
-        corrector,
-        head,
-        batch,
-        optimizer,
-        meta_gradient=meta_gradient,
-        lookahead=buffer,
-        keep_clean_pass=keep_clean_pass,
-    )
+    options = {"meta_gradient": meta_gradient, "lookahead": buffer, "keep_clean_pass": keep_clean_pass}
+    out = meta_step(model, corrector, head, batch, optimizer, **options)
     params = trainable_parameters(model)
     _, clean_grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
     virtual_params, virtual_lr = virtual_step(params, out.main_grads, optimizer)
