@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rows import LEGACY_DEFAULTS, row_value  # noqa: E402
 from mlc_text.config import METHODS, MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
@@ -55,8 +56,6 @@ KEY_FIELDS = (
     "meta_learning_rate",
     "mlc_settings",
 )
-# Key fields that rows written before they were recorded lack, with the one value those rows used.
-KEY_DEFAULTS = {"validation_size": 500}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -189,7 +188,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
 
 
 def run_key(row: dict) -> tuple:
-    return tuple(row.get(name, KEY_DEFAULTS.get(name)) for name in KEY_FIELDS)
+    return tuple(row_value(row, name) for name in KEY_FIELDS)
 
 
 def done_keys(path: str) -> set[tuple]:
@@ -236,7 +235,7 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
     method = run["method"] + (f"-mlr{run['meta_learning_rate']:g}" if "meta_learning_rate" in run else "")
     if run.get("mlc_settings"):
         method += "-" + "".join(ch if ch.isalnum() or ch in "=.," else "_" for ch in run["mlc_settings"])
-    if run["validation_size"] != KEY_DEFAULTS["validation_size"]:
+    if run["validation_size"] != LEGACY_DEFAULTS["validation_size"]:
         name += f"-v{run['validation_size']}"
     output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{method}")
     os.makedirs(output_dir, exist_ok=True)

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,8 +33,16 @@ __all__ = ["CleanDataTrainer", "MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_
 
 logger = logging.getLogger(__name__)
 
+
 MLC_STATE_NAME = "mlc_state.pt"
 SUPPORTED_OPTIM_NAMES = ("adamw_torch", "adamw_torch_fused", "sgd")
+
+
+class _CarriedCleanPass(NamedTuple):
+    """The last meta step's clean pass at w', and the global step at which w' becomes the weights."""
+
+    clean_pass: CleanPass
+    for_step: int
 
 
 def check_parallelism(args) -> None:
@@ -233,9 +241,8 @@ class MLCTrainer(CleanDataTrainer):
         self.lookahead = LookaheadBuffer(args.gradient_steps)
         self._pending_meta_grads: list[torch.Tensor] | None = None
         self._pending_gamma: torch.Tensor | float | None = None
-        # The last meta step's clean pass at w' and the global step at which w' becomes the weights (see
-        # `reuse_clean_pass`).
-        self._carried: tuple[CleanPass, int] | None = None
+        # See `reuse_clean_pass`.
+        self._carried: _CarriedCleanPass | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up hooks
     def head_module(self, model: nn.Module) -> nn.Module:
@@ -297,7 +304,7 @@ class MLCTrainer(CleanDataTrainer):
             )
             self._accumulate_meta_grads(out)
             if out.clean_pass is not None:
-                self._carried = (out.clean_pass, self.state.global_step + 1)
+                self._carried = _CarriedCleanPass(out.clean_pass, self.state.global_step + 1)
                 out.clean_pass = None
         else:
             out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
@@ -316,11 +323,11 @@ class MLCTrainer(CleanDataTrainer):
     def _take_carried_clean_pass(self) -> CleanPass | None:
         """The carried clean pass if its w' is the current weights (exactly one real step since), else `None`."""
         carried, self._carried = self._carried, None
-        if carried is None or carried[1] != self.state.global_step:
+        if carried is None or carried.for_step != self.state.global_step:
             return None
         if getattr(self.accelerator, "optimizer_step_was_skipped", False):
             return None
-        return carried[0]
+        return carried.clean_pass
 
     def _accumulate_meta_grads(self, out: MetaStepOutput) -> None:
         # Micro-batches of one optimizer step average their meta-gradients (and discounts), like the main net.
@@ -441,10 +448,10 @@ class MLCTrainer(CleanDataTrainer):
             "carried_clean_pass": None
             if self._carried is None
             else {
-                "loss": self._carried[0].loss,
-                "grads": self._carried[0].grads,
-                "num_rows": self._carried[0].num_rows,
-                "for_step": self._carried[1],
+                "loss": self._carried.clean_pass.loss,
+                "grads": self._carried.clean_pass.grads,
+                "num_rows": self._carried.clean_pass.num_rows,
+                "for_step": self._carried.for_step,
             },
         }
 
@@ -455,4 +462,5 @@ class MLCTrainer(CleanDataTrainer):
         self.lookahead.load_state_dict(state["lookahead"])
         carried = state.get("carried_clean_pass")
         if carried is not None:
-            self._carried = (CleanPass(carried["loss"], carried["grads"], carried["num_rows"]), carried["for_step"])
+            clean_pass = CleanPass(carried["loss"], carried["grads"], carried["num_rows"])
+            self._carried = _CarriedCleanPass(clean_pass, carried["for_step"])
