@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +137,43 @@ def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
     assert "| mlc@0.0003 | 0 | 84.0 | 75.0 | 80.0 | clean_only 80.0 | +0.40 |" in text
     assert "the MLC variant chosen on validation: +0.40 over 1 cell(s)" in text
     assert "mlc at the paper's defaults: +0.60 over 1 cell(s)" in text
+
+
+def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from mlc_text.pipeline import main
+
+    memorisation = load("memorisation")
+    folder = tmp_path / "runs" / "flip-run"
+    argv = {
+        "corpus": "ag_news", "data_dir": data_dir, "model_name_or_path": tiny_model_dir, "method": "finetune",
+        "noise_type": "flip", "noise_rate": 0.4, "noise_seed": 3, "split_seed": 3, "seed": 3,
+        "num_clean_per_class": 6, "max_train_samples": 96, "max_test_samples": 48, "validation_size": 24,
+        "max_length": 32, "per_device_train_batch_size": 16, "max_steps": 1, "output_dir": str(folder),
+        "disable_tqdm": True, "dataloader_pin_memory": False,
+    }  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "bench_args.json").write_text(json.dumps(argv))
+    main(argv=[str(folder / "bench_args.json")])
+    noise_report = json.loads((folder / "noise_report.json").read_text())
+    counts = noise_report["counts"]
+    wrong_in_run = sum(counts[i][j] for i in range(4) for j in range(4) if i != j)
+
+    row = memorisation.score(str(folder), max_train_rows=1000, batch_size=16)
+    assert row["train_rows_scored"] == 96 and row["wrong_rows_scored"] == wrong_in_run > 0
+    assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"], abs=1.5 / 48)  # padding may differ
+    assert 0.0 <= row["memorised"] + row["recovered"] <= 1.0
+
+    # A model that predicts each row's given label has memorised every wrong one and recovered none.
+    given = {}
+
+    def predict_given(model, tokenizer, texts, max_length, batch_size):
+        return np.array([given.get(text, -1) for text in texts])
+
+    corpus_rows = memorisation.prepare_corpus(*memorisation.parse_recipe_args([str(folder / "bench_args.json")])[1:3])
+    given.update(zip(corpus_rows.train["text"], corpus_rows.train["label"]))
+    monkeypatch.setattr(memorisation, "predict", predict_given)
+    row = memorisation.score(str(folder), max_train_rows=1000, batch_size=16)
+    assert (row["memorised"], row["recovered"], row["train_accuracy_on_clean_labels"]) == (1.0, 0.0, 1.0)
+
+    with pytest.raises(SystemExit, match="no finished run"):
+        memorisation.run_folders(str(tmp_path / "runs"), "nothing-*")

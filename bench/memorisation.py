@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""
+How much of the label noise did a trained model learn? Reads the run folders that `bench/accuracy.py` left (each
+holds `bench_args.json` and the final model), rebuilds each run's noisy training rows from its seeds, and scores the
+final model on them and on the test rows:
+
+- `memorised`: of the training rows whose label the noise changed, the share where the model predicts the *given*
+  (wrong) label; `recovered`: the share where it predicts the true one.
+- `train_accuracy_on_clean_labels`: accuracy on the training rows the noise left alone.
+- `test_accuracy` (which must match the run's own, a check that the rows were rebuilt right) and
+  `test_to_noise_partner`: the share of test rows predicted as the class the noise most often gives to their true
+  class (under flip noise, the one class each true class is flipped to).
+
+    python bench/memorisation.py --runs_dir /tmp/accuracy-runs --pattern 'ag_news-flip-0.4-100-e*'
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlc_text.data import prepare_corpus  # noqa: E402
+from mlc_text.pipeline import parse_args as parse_recipe_args  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs_dir", required=True, help="The --runs_dir of bench/accuracy.py.")
+    parser.add_argument("--pattern", default="*", help="Shell pattern of the run folder names to score.")
+    parser.add_argument("--max_train_rows", type=int, default=1000, help="Noisy training rows scored (the first N).")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "memorisation-cpu.jsonl"))
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.runs_dir):
+        raise SystemExit(f"--runs_dir {args.runs_dir!r} is not a folder")
+    if args.max_train_rows < 1:
+        raise SystemExit(f"--max_train_rows must be >= 1, got {args.max_train_rows}")
+    return args
+
+
+def run_folders(runs_dir: str, pattern: str) -> list[str]:
+    names = sorted(name for name in os.listdir(runs_dir) if fnmatch.fnmatch(name, pattern))
+    folders = [os.path.join(runs_dir, name) for name in names]
+    done = [folder for folder in folders if os.path.exists(os.path.join(folder, "model.safetensors"))]
+    if not done:
+        raise SystemExit(f"no finished run (a folder with model.safetensors) matches {pattern!r} in {runs_dir}")
+    return done
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+    predictions = []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        predictions.append(model(**inputs).logits.argmax(-1).numpy())
+    return np.concatenate(predictions)
+
+
+def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _, data_args, noise_args, training_args = parse_recipe_args([os.path.join(folder, "bench_args.json")])
+    corpus = prepare_corpus(data_args, noise_args)
+    train = corpus.train.select(range(min(max_train_rows, len(corpus.train))))
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    given, true = np.asarray(train["label"]), np.asarray(train["true_label"])
+    predicted = predict(model, tokenizer, train["text"], data_args.max_length, batch_size)
+    wrong = given != true
+    test_true = np.asarray(corpus.test["label"])
+    test_predicted = predict(model, tokenizer, corpus.test["text"], data_args.max_length, batch_size)
+    matrix = np.array(corpus.noise_report["transition_matrix"], dtype=float)
+    np.fill_diagonal(matrix, -1.0)
+    partner = matrix.argmax(axis=1)  # the wrong label the noise gives most often to each true class
+    with open(os.path.join(folder, "results.json")) as handle:
+        recorded = json.load(handle)
+    return {
+        "run": os.path.basename(folder),
+        "corpus": data_args.corpus,
+        "noise_type": noise_args.noise_type,
+        "noise_rate": noise_args.noise_rate,
+        "num_clean_per_class": data_args.num_clean_per_class,
+        "epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "method": training_args.method,
+        "seed": training_args.seed,
+        "train_rows_scored": int(len(train)),
+        "wrong_rows_scored": int(wrong.sum()),
+        "memorised": float((predicted[wrong] == given[wrong]).mean()),
+        "recovered": float((predicted[wrong] == true[wrong]).mean()),
+        "train_accuracy_on_clean_labels": float((predicted[~wrong] == true[~wrong]).mean()),
+        "test_accuracy": float((test_predicted == test_true).mean()),
+        "recorded_test_accuracy": recorded["metrics"]["test"]["test_accuracy"],
+        "test_to_noise_partner": float((test_predicted == partner[test_true]).mean()),
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    folders = run_folders(args.runs_dir, args.pattern)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    for folder in tqdm(folders, desc="memorisation", unit="run"):
+        start = time.perf_counter()
+        row = score(folder, args.max_train_rows, args.batch_size)
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        with open(args.output, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        tqdm.write(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
