@@ -11,6 +11,8 @@ final model on them and on the test rows:
   `test_to_noise_partner`: the share of test rows predicted as the class the noise most often gives to their true
   class (under flip noise, the one class each true class is flipped to).
 
+One line per run is appended to `--output`; runs already there are skipped.
+
     python bench/memorisation.py --runs_dir /tmp/accuracy-runs --pattern 'ag_news-flip-0.4-100-e*'
 """
 
@@ -74,6 +76,10 @@ def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int
     return np.concatenate(predictions)
 
 
+def _share(hits: np.ndarray) -> float | None:
+    return float(hits.mean()) if hits.size else None
+
+
 def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -87,9 +93,12 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     wrong = given != true
     test_true = np.asarray(corpus.test["label"])
     test_predicted = predict(model, tokenizer, corpus.test["text"], data_args.max_length, batch_size)
-    matrix = np.array(corpus.noise_report["transition_matrix"], dtype=float)
-    np.fill_diagonal(matrix, -1.0)
-    partner = matrix.argmax(axis=1)  # the wrong label the noise gives most often to each true class
+    to_partner = None
+    if corpus.noise_report.get("transition_matrix") is not None:  # None for a corpus's own (real) noisy labels
+        matrix = np.array(corpus.noise_report["transition_matrix"], dtype=float)
+        np.fill_diagonal(matrix, -1.0)
+        partner = matrix.argmax(axis=1)  # the wrong label the noise gives most often to each true class
+        to_partner = float((test_predicted == partner[test_true]).mean())
     with open(os.path.join(folder, "results.json")) as handle:
         recorded = json.load(handle)
     return {
@@ -104,19 +113,30 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
         "seed": training_args.seed,
         "train_rows_scored": int(len(train)),
         "wrong_rows_scored": int(wrong.sum()),
-        "memorised": float((predicted[wrong] == given[wrong]).mean()),
-        "recovered": float((predicted[wrong] == true[wrong]).mean()),
-        "train_accuracy_on_clean_labels": float((predicted[~wrong] == true[~wrong]).mean()),
+        "memorised": _share(predicted[wrong] == given[wrong]),
+        "recovered": _share(predicted[wrong] == true[wrong]),
+        "train_accuracy_on_clean_labels": _share(predicted[~wrong] == true[~wrong]),
         "test_accuracy": float((test_predicted == test_true).mean()),
         "recorded_test_accuracy": recorded["metrics"]["test"]["test_accuracy"],
-        "test_to_noise_partner": float((test_predicted == partner[test_true]).mean()),
+        "test_to_noise_partner": to_partner,
     }
+
+
+def scored_runs(path: str) -> set[str]:
+    """Names of the run folders already scored in `path` (a rerun skips them, so an interrupted one resumes)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as handle:
+        return {json.loads(line)["run"] for line in handle if line.strip()}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     folders = run_folders(args.runs_dir, args.pattern)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    done = scored_runs(args.output)
+    folders = [folder for folder in folders if os.path.basename(folder) not in done]
+    print(f"{len(done)} runs already in {args.output}; {len(folders)} to score")
     for folder in tqdm(folders, desc="memorisation", unit="run"):
         start = time.perf_counter()
         row = score(folder, args.max_train_rows, args.batch_size)

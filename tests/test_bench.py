@@ -175,5 +175,10 @@ def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir,
     row = memorisation.score(str(folder), max_train_rows=1000, batch_size=16)
     assert (row["memorised"], row["recovered"], row["train_accuracy_on_clean_labels"]) == (1.0, 0.0, 1.0)
 
+    output = tmp_path / "memorisation.jsonl"
+    for _ in range(2):  # the second call finds the run scored and skips it
+        memorisation.main(["--runs_dir", str(tmp_path / "runs"), "--output", str(output), "--max_train_rows", "8"])
+    (line,) = output.read_text().splitlines()
+    assert json.loads(line)["run"] == "flip-run" and json.loads(line)["train_rows_scored"] == 8
     with pytest.raises(SystemExit, match="no finished run"):
         memorisation.run_folders(str(tmp_path / "runs"), "nothing-*")
