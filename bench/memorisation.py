@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,8 +82,6 @@ def _share(hits: np.ndarray) -> float | None:
 
 
 def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     _, data_args, noise_args, training_args = parse_recipe_args([os.path.join(folder, "bench_args.json")])
     corpus = prepare_corpus(data_args, noise_args)
     train = corpus.train.select(range(min(max_train_rows, len(corpus.train))))

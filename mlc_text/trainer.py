@@ -33,7 +33,6 @@ __all__ = ["CleanDataTrainer", "MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_
 
 logger = logging.getLogger(__name__)
 
-
 MLC_STATE_NAME = "mlc_state.pt"
 SUPPORTED_OPTIM_NAMES = ("adamw_torch", "adamw_torch_fused", "sgd")
 
