@@ -35,27 +35,10 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rows import LEGACY_DEFAULTS, row_value  # noqa: E402
+from bench.rows import KEY_FIELDS, RUN_FILE, row_value, run_folder_name  # noqa: E402
 from mlc_text.config import METHODS, MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
-
-# What identifies a run: a line with the same values is not run again.
-KEY_FIELDS = (
-    "corpus",
-    "model",
-    "noise_type",
-    "noise_rate",
-    "num_clean_per_class",
-    "epochs",
-    "method",
-    "seed",
-    "max_train_samples",
-    "validation_size",
-    "max_length",
-    "meta_learning_rate",
-    "mlc_settings",
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -231,14 +214,10 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
 
 
 def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
-    name = "-".join(str(run[key]) for key in ("corpus", "noise_type", "noise_rate", "num_clean_per_class"))
-    method = run["method"] + (f"-mlr{run['meta_learning_rate']:g}" if "meta_learning_rate" in run else "")
-    if run.get("mlc_settings"):
-        method += "-" + "".join(ch if ch.isalnum() or ch in "=.," else "_" for ch in run["mlc_settings"])
-    if run["validation_size"] != LEGACY_DEFAULTS["validation_size"]:
-        name += f"-v{run['validation_size']}"
-    output_dir = os.path.join(runs_dir, f"{name}-e{run['epochs']}-s{run['seed']}-{method}")
+    name = run_folder_name(run)
+    output_dir = os.path.join(runs_dir, name)
     os.makedirs(output_dir, exist_ok=True)
+    Path(output_dir, RUN_FILE).write_text(json.dumps(run, indent=2))
     config = os.path.join(output_dir, "bench_args.json")
     Path(config).write_text(json.dumps(recipe_arguments(run, args, output_dir), indent=2))
     start = time.perf_counter()
@@ -246,7 +225,7 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
         [sys.executable, str(ROOT / "recipes" / "train.py"), config], capture_output=True, text=True, cwd=ROOT
     )
     if process.returncode != 0:
-        raise RuntimeError(f"run {name} {run['method']} seed {run['seed']} failed:\n{process.stderr[-4000:]}")
+        raise RuntimeError(f"run {name} failed:\n{process.stderr[-4000:]}")
     results = json.loads(Path(output_dir, "results.json").read_text())
     test, validation = results["metrics"].get("test", {}), results["metrics"].get("eval", {})
     return {

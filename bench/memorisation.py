@@ -11,7 +11,9 @@ final model on them and on the test rows:
   `test_to_noise_partner`: the share of test rows predicted as the class the noise most often gives to their true
   class (under flip noise, the one class each true class is flipped to).
 
-One line per run is appended to `--output`; runs already there are skipped.
+One line per run is appended to `--output`, with the run's key (its cell and method, from the `bench_run.json` that
+`bench/accuracy.py` writes into each run's folder) so that `bench/report.py` can tabulate it; runs already there are
+skipped.
 
     python bench/memorisation.py --runs_dir /tmp/accuracy-runs --pattern 'ag_news-flip-0.4-100-e*'
 """
@@ -34,6 +36,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rows import RUN_FILE  # noqa: E402
 from mlc_text.data import prepare_corpus  # noqa: E402
 from mlc_text.pipeline import parse_args as parse_recipe_args  # noqa: E402
 
@@ -59,6 +62,12 @@ def run_folders(runs_dir: str, pattern: str) -> list[str]:
     done = [folder for folder in folders if os.path.exists(os.path.join(folder, "model.safetensors"))]
     if not done:
         raise SystemExit(f"no finished run (a folder with model.safetensors) matches {pattern!r} in {runs_dir}")
+    unkeyed = [os.path.basename(folder) for folder in done if not os.path.exists(os.path.join(folder, RUN_FILE))]
+    if unkeyed:  # refused before any scoring, so no half-written output
+        raise SystemExit(
+            f"{len(unkeyed)} run folder(s) lack {RUN_FILE}, e.g. {unkeyed[0]!r}: they were not written by "
+            "bench/accuracy.py (or by a version before it recorded each run's key)"
+        )
     return done
 
 
@@ -82,7 +91,7 @@ def _share(hits: np.ndarray) -> float | None:
 
 
 def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
-    _, data_args, noise_args, training_args = parse_recipe_args([os.path.join(folder, "bench_args.json")])
+    _, data_args, noise_args, _ = parse_recipe_args([os.path.join(folder, "bench_args.json")])
     corpus = prepare_corpus(data_args, noise_args)
     train = corpus.train.select(range(min(max_train_rows, len(corpus.train))))
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -100,16 +109,11 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
         to_partner = float((test_predicted == partner[test_true]).mean())
     with open(os.path.join(folder, "results.json")) as handle:
         recorded = json.load(handle)
+    with open(os.path.join(folder, RUN_FILE)) as handle:
+        run = json.load(handle)
     return {
         "run": os.path.basename(folder),
-        "corpus": data_args.corpus,
-        "noise_type": noise_args.noise_type,
-        "noise_rate": noise_args.noise_rate,
-        "num_clean_per_class": data_args.num_clean_per_class,
-        "epochs": training_args.num_train_epochs,
-        "max_steps": training_args.max_steps,
-        "method": training_args.method,
-        "seed": training_args.seed,
+        **run,
         "train_rows_scored": int(len(train)),
         "wrong_rows_scored": int(wrong.sum()),
         "memorised": _share(predicted[wrong] == given[wrong]),

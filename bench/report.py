@@ -7,7 +7,11 @@ macro-F1 over seeds, the corrector's accuracy on the noisy rows (MLC), wall time
 clean_only-to-oracle gap that the method recovers. The generated part of docs/RESULTS.md sits between two marker
 comments; the text around them is kept, so the written conclusions survive a regeneration.
 
+Given `--memorisation` (the output of `bench/memorisation.py` for the same runs), the block also gets, per cell and
+method, how much of the label noise the final models learned, seed by seed.
+
     python bench/report.py                 # rewrites the generated block of docs/RESULTS.md, plots to docs/figures
+    python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl     # what docs/RESULTS.md shows
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ CELL_FIELDS = (
 METHOD_ORDER = ("finetune", "clean_only", "glc", "l2rw", "mlc", "oracle")
 
 
-def load_rows(path: str) -> list[dict]:
+def load_rows(path: str, writer: str = "bench/accuracy.py") -> list[dict]:
     if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: run bench/accuracy.py first")
+        raise SystemExit(f"{path} does not exist: run {writer} first")
     with open(path) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     if not rows:
@@ -211,8 +215,55 @@ def selection_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def _per_seed(runs: list[dict], name: str, decimals: int = 1) -> str:
+    """One value per seed, in %, in the order of the runs; `-` where a run has none."""
+    values = []
+    for run in runs:
+        value = run.get(name)
+        values.append("-" if value is None else f"{100 * value:.{decimals}f}")
+    return ", ".join(values)
+
+
+def memorisation_tables(rows: list[dict]) -> list[str]:
+    """Per cell and method, seed by seed: how much of the noise the final model learned (`bench/memorisation.py`)."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)].append(row)
+    lines = [
+        "#### How much of the noise the final models learned",
+        "",
+        "From `bench/memorisation.py`: it rebuilds each run's noisy rows from its seeds and scores the final model on "
+        "the first training rows (of which `wrong rows` had a label the noise changed) and on the test rows. "
+        "*Memorised*: the share of wrong rows where the model predicts the given (wrong) label; *recovered*: where it "
+        "predicts the true one; *right rows*: accuracy on the rows the noise left alone; *to the noise's class*: the "
+        "share of test rows predicted as the class the noise most often gives their true class (flip noise only). "
+        "Values in %, one per seed, in the order of the seeds column. clean_only never saw a wrong label, so its "
+        "memorised column is the natural confusion between each class and its noise partner.",
+        "",
+    ]
+    for cell in sorted(groups, key=lambda cell: tuple(str(value) for value in cell)):
+        methods = groups[cell]
+        lines += [
+            f"##### {cell_title(cell)}",
+            "",
+            "| method | seeds | wrong rows | memorised | recovered | right rows | test to the noise's class "
+            "| test acc. |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 5):
+            runs = sorted(methods[method], key=lambda run: run["seed"])
+            lines.append(
+                f"| {method} | {','.join(str(run['seed']) for run in runs)} "
+                f"| {', '.join(str(run['wrong_rows_scored']) for run in runs)} | {_per_seed(runs, 'memorised')} "
+                f"| {_per_seed(runs, 'recovered')} | {_per_seed(runs, 'train_accuracy_on_clean_labels')} "
+                f"| {_per_seed(runs, 'test_to_noise_partner')} | {_per_seed(runs, 'test_accuracy', decimals=2)} |"
+            )
+        lines.append("")
+    return lines
+
+
 def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
-    """Test accuracy against noise rate, one figure per (corpus, noise type, clean rows, epochs)."""
+    """Test accuracy against noise rate, one figure per (corpus, noise type, clean rows, epochs, rows, validation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,12 +271,12 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
 
     series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for cell, methods in cells.items():
-        corpus, model, kind, rate, clean, epochs, rows, _ = cell
+        corpus, model, kind, rate, clean, epochs, rows, validation = cell
         for method, stats in methods.items():
-            series[(corpus, kind, clean, epochs, rows)][method].append((rate, *stats["test_accuracy"]))
+            series[(corpus, kind, clean, epochs, rows, validation)][method].append((rate, *stats["test_accuracy"]))
     written = []
     figures.mkdir(parents=True, exist_ok=True)
-    for (corpus, kind, clean, epochs, rows), methods in series.items():
+    for (corpus, kind, clean, epochs, rows, validation), methods in series.items():
         figure, axis = plt.subplots(figsize=(6, 4))
         for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 99):
             points = sorted(methods[method])
@@ -238,18 +289,24 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
             )
         axis.set_xlabel(f"{kind} noise rate")
         axis.set_ylabel("test accuracy (%)")
-        axis.set_title(f"{corpus}, {clean} clean/class, {epochs:g} epoch(s), {rows} rows")
+        axis.set_title(
+            f"{corpus}, {clean} clean/class, {epochs:g} epoch(s), {rows} rows"
+            + ("" if validation == LEGACY_DEFAULTS["validation_size"] else f", validation {validation}")
+        )
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         figure.tight_layout()
-        path = figures / f"accuracy_{corpus}_{kind}_c{clean}_e{epochs:g}.png"
+        # every field of the series in the name, so no two figures overwrite each other
+        path = figures / f"accuracy_{corpus}_{kind}_c{clean}_e{epochs:g}_n{rows}_v{validation}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)
     return written
 
 
-def render(rows: list[dict], cells, figure_paths: list[Path], results_md: Path, source: str) -> str:
+def render(
+    rows: list[dict], cells, figure_paths: list[Path], results_md: Path, source: str, memorised: list[dict] = ()
+) -> str:
     runs = len(rows)
     wall = sum(row["wall_s"] for row in rows) / 3600
     parts = [
@@ -278,6 +335,8 @@ def render(rows: list[dict], cells, figure_paths: list[Path], results_md: Path, 
         *selection_table(cells),
         "",
     ]
+    if memorised:
+        parts += memorisation_tables(memorised)
     for path in figure_paths:
         parts.append(f"![{path.stem}]({os.path.relpath(path, results_md.parent)})")
     parts += ["", END]
@@ -289,12 +348,20 @@ def main(argv=None) -> None:
     parser.add_argument("--input", default=str(ROOT / "bench" / "results" / "accuracy.jsonl"))
     parser.add_argument("--results_md", default=str(ROOT / "docs" / "RESULTS.md"))
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    parser.add_argument(
+        "--memorisation",
+        default=None,
+        help="Output of bench/memorisation.py for the same runs, to tabulate too (e.g. "
+        "bench/results/memorisation-cpu.jsonl).",
+    )
     args = parser.parse_args(argv)
     rows = load_rows(args.input)
+    memorised = [] if args.memorisation is None else load_rows(args.memorisation, writer="bench/memorisation.py")
     cells = summarise(rows)
     results_md = Path(args.results_md)
     figure_paths = plot(cells, Path(args.figures))
-    block = render(rows, cells, figure_paths, results_md, os.path.relpath(args.input, results_md.parent.parent))
+    source = os.path.relpath(args.input, results_md.parent.parent)
+    block = render(rows, cells, figure_paths, results_md, source, memorised)
     if results_md.exists():
         text = results_md.read_text()
         if BEGIN not in text or END not in text:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,6 +71,30 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     assert report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc[gradient_steps=3,skip_connection=true]"
 
 
+def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_dir, monkeypatch):
+    accuracy = load("accuracy")
+    argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "finetune"]
+    argv += ["--seeds", "0", "1", "--meta_learning_rates", "3e-5", "1e-3"]
+    runs = accuracy.grid(accuracy.parse_args(argv))
+    runs += accuracy.grid(accuracy.parse_args([*argv, "--max_train_samples", "4000"]))
+    runs += accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "skip_connection=true"]))
+    runs += accuracy.grid(accuracy.parse_args([*argv, "--model", "/some/where/other-model", "--max_length", "128"]))
+    # (the finetune runs of the skip_connection grid are the plain grid's: same key, same folder)
+    names = {accuracy.run_key(run): accuracy.run_folder_name(run) for run in runs}
+    assert len(names) == 88 and len(set(names.values())) == len(names)
+
+    # The run's key goes into its folder before the recipe starts, for the tools that read the folders later.
+    def fail(*args, **kwargs):
+        return SimpleNamespace(returncode=1, stderr="no recipe in this test")
+
+    monkeypatch.setattr(accuracy.subprocess, "run", fail)
+    args = accuracy.parse_args(argv)
+    with pytest.raises(RuntimeError, match=f"run {accuracy.run_folder_name(runs[0])} failed"):
+        accuracy.one_run(runs[0], args, str(tmp_path))
+    written = json.loads((tmp_path / accuracy.run_folder_name(runs[0]) / accuracy.RUN_FILE).read_text())
+    assert written == runs[0]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -103,7 +128,14 @@ def test_report_means_and_gap_share(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text(f"# Results\n\nkept above\n\n{report.BEGIN}\nold\n{report.END}\n\nkept below\n")
-    report.main(["--input", str(tmp_path / "a.jsonl"), "--results_md", str(results_md), "--figures", str(tmp_path)])
+    memorised = [
+        {**rows[2 + 4 * seed], "run": f"r{seed}", "wrong_rows_scored": 40 + seed, "memorised": rate, "recovered": 0.8,
+         "train_accuracy_on_clean_labels": 0.9, "test_to_noise_partner": None}
+        for seed, rate in ((1, 0.125), (0, 0.05))
+    ]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in memorised))
+    argv = ["--input", str(tmp_path / "a.jsonl"), "--results_md", str(results_md), "--figures", str(tmp_path)]
+    report.main([*argv, "--memorisation", str(tmp_path / "m.jsonl")])
     cells = report.summarise(rows)
     (methods,) = cells.values()
     mean, std = methods["finetune"]["test_accuracy"]
@@ -112,7 +144,12 @@ def test_report_means_and_gap_share(tmp_path):
     text = results_md.read_text()
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
-    assert (tmp_path / "accuracy_ag_news_flip_c100_e1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "accuracy_ag_news_flip_c100_e1_n2000_v500.png").read_bytes()[:4] == b"\x89PNG"
+    # per seed, seeds in order, under the cell's own title
+    assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
+    assert "| mlc | 0,1 | 40, 41 | 5.0, 12.5 | 80.0, 80.0 | 90.0, 90.0 | -, - | 84.00, 86.00 |" in text
+    with pytest.raises(SystemExit, match="run bench/memorisation.py first"):
+        report.main([*argv, "--memorisation", str(tmp_path / "missing.jsonl")])
 
 
 def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
@@ -154,11 +191,16 @@ def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir,
     folder.mkdir(parents=True)
     (folder / "bench_args.json").write_text(json.dumps(argv))
     main(argv=[str(folder / "bench_args.json")])
+    with pytest.raises(SystemExit, match="lack bench_run.json, e.g. 'flip-run'"):
+        memorisation.run_folders(str(tmp_path / "runs"), "*")
+    key = {"corpus": "ag_news", "noise_type": "flip", "noise_rate": 0.4, "method": "finetune", "seed": 3}
+    (folder / "bench_run.json").write_text(json.dumps(key))
     noise_report = json.loads((folder / "noise_report.json").read_text())
     counts = noise_report["counts"]
     wrong_in_run = sum(counts[i][j] for i in range(4) for j in range(4) if i != j)
 
     row = memorisation.score(str(folder), max_train_rows=1000, batch_size=16)
+    assert {name: row[name] for name in key} == key  # the run's key travels with its scores, for the report
     assert row["train_rows_scored"] == 96 and row["wrong_rows_scored"] == wrong_in_run > 0
     assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"], abs=1.5 / 48)  # padding may differ
     assert 0.0 <= row["memorised"] + row["recovered"] <= 1.0
