@@ -9,7 +9,8 @@ final model on them and on the test rows:
 - `train_accuracy_on_clean_labels`: accuracy on the training rows the noise left alone.
 - `test_accuracy` (which must match the run's own, a check that the rows were rebuilt right) and
   `test_to_noise_partner`: the share of test rows predicted as the class the noise most often gives to their true
-  class (under flip noise, the one class each true class is flipped to).
+  class (under flip noise, the one class each true class is flipped to; null where the noise has no single such
+  class, as under uniform noise).
 
 One line per run is appended to `--output`, with the run's key (its cell and method, from the `bench_run.json` that
 `bench/accuracy.py` writes into each run's folder) so that `bench/report.py` can tabulate it; runs already there are
@@ -90,6 +91,19 @@ def _share(hits: np.ndarray) -> float | None:
     return float(hits.mean()) if hits.size else None
 
 
+def noise_partner(transition_matrix) -> np.ndarray | None:
+    """
+    Per true class, the wrong label the noise gives it most often; `None` where some class has no single such label
+    (uniform noise) or there is no matrix (a corpus's own noisy labels).
+    """
+    if transition_matrix is None:
+        return None
+    matrix = np.array(transition_matrix, dtype=float)
+    np.fill_diagonal(matrix, -1.0)
+    top_two = np.sort(matrix, axis=1)[:, -2:]
+    return matrix.argmax(axis=1) if np.all(top_two[:, 1] > top_two[:, 0]) else None
+
+
 def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     _, data_args, noise_args, _ = parse_recipe_args([os.path.join(folder, "bench_args.json")])
     corpus = prepare_corpus(data_args, noise_args)
@@ -101,12 +115,8 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     wrong = given != true
     test_true = np.asarray(corpus.test["label"])
     test_predicted = predict(model, tokenizer, corpus.test["text"], data_args.max_length, batch_size)
-    to_partner = None
-    if corpus.noise_report.get("transition_matrix") is not None:  # None for a corpus's own (real) noisy labels
-        matrix = np.array(corpus.noise_report["transition_matrix"], dtype=float)
-        np.fill_diagonal(matrix, -1.0)
-        partner = matrix.argmax(axis=1)  # the wrong label the noise gives most often to each true class
-        to_partner = float((test_predicted == partner[test_true]).mean())
+    partner = noise_partner(corpus.noise_report.get("transition_matrix"))
+    to_partner = None if partner is None else float((test_predicted == partner[test_true]).mean())
     with open(os.path.join(folder, "results.json")) as handle:
         recorded = json.load(handle)
     with open(os.path.join(folder, RUN_FILE)) as handle:

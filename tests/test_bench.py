@@ -176,6 +176,14 @@ def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
     assert "mlc at the paper's defaults: +0.60 over 1 cell(s)" in text
 
 
+def test_noise_partner_is_the_one_class_a_true_class_is_flipped_to():
+    memorisation = load("memorisation")
+    flip = [[0.6, 0.4, 0.0], [0.0, 0.6, 0.4], [0.4, 0.0, 0.6]]
+    assert memorisation.noise_partner(flip).tolist() == [1, 2, 0]
+    uniform = [[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]
+    assert memorisation.noise_partner(uniform) is None and memorisation.noise_partner(None) is None
+
+
 def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     from mlc_text.pipeline import main
 
@@ -204,6 +212,7 @@ def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir,
     assert row["train_rows_scored"] == 96 and row["wrong_rows_scored"] == wrong_in_run > 0
     assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"], abs=1.5 / 48)  # padding may differ
     assert 0.0 <= row["memorised"] + row["recovered"] <= 1.0
+    assert 0.0 <= row["test_to_noise_partner"] <= 1.0  # flip noise: each class has one partner
 
     # A model that predicts each row's given label has memorised every wrong one and recovered none.
     given = {}
