@@ -16,7 +16,7 @@ One line per run is appended to `--output`, with the run's key (its cell and met
 `bench/accuracy.py` writes into each run's folder) so that `bench/report.py` can tabulate it; runs already there are
 skipped.
 
-    python bench/memorisation.py --runs_dir /tmp/accuracy-runs --pattern 'ag_news-flip-0.4-100-e*'
+    python bench/memorisation.py --runs_dir /tmp/accuracy-runs --pattern 'ag_news-*-flip-0.4-c100-*'
 """
 
 from __future__ import annotations

@@ -237,8 +237,8 @@ def memorisation_tables(rows: list[dict]) -> list[str]:
         "*Memorised*: the share of wrong rows where the model predicts the given (wrong) label; *recovered*: where it "
         "predicts the true one; *right rows*: accuracy on the rows the noise left alone; *to the noise's class*: the "
         "share of test rows predicted as the class the noise most often gives their true class (flip noise only). "
-        "Values in %, one per seed, in the order of the seeds column. clean_only never saw a wrong label, so its "
-        "memorised column is the natural confusion between each class and its noise partner.",
+        "Values in %, one per seed, in the order of the seeds column. clean_only never saw a wrong label, so under "
+        "flip noise its memorised column is the natural confusion between each class and its noise partner.",
         "",
     ]
     for cell in sorted(groups, key=lambda cell: tuple(str(value) for value in cell)):
