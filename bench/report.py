@@ -75,13 +75,23 @@ def method_label(row: dict) -> str:
     return label
 
 
-def summarise(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """cell -> method -> statistics over seeds."""
+def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """cell -> method label -> its rows, cells in a stable order (the rows' order within a method is kept)."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)].append(row)
+    return dict(sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])))
+
+
+def method_rank(name: str) -> int:
+    """Where a method's row goes in a table: the order of METHOD_ORDER, MLC variants beside `mlc`."""
+    return METHOD_ORDER.index(name) if name in METHOD_ORDER else METHOD_ORDER.index("mlc")
+
+
+def summarise(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """cell -> method -> statistics over seeds."""
     cells: dict[tuple, dict[str, dict]] = {}
-    for cell, methods in sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])):
+    for cell, methods in group_runs(rows).items():
         cells[cell] = {}
         for method, runs in methods.items():
             accuracy = mean_std([run["test_accuracy"] for run in runs])
@@ -126,7 +136,7 @@ def table(cell: tuple, methods: dict[str, dict]) -> str:
     used = next((stats["rows"] for stats in methods.values() if stats.get("rows")), None)
     if used:  # what the corpus gave, which may be fewer rows than asked for
         lines[2:2] = ["Rows used: " + ", ".join(f"{split} {count}" for split, count in used.items()) + ".", ""]
-    for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 5):
+    for method in sorted(methods, key=method_rank):
         stats = methods[method]
         gap = "-" if stats["gap_recovered"] is None else f"{stats['gap_recovered']:+.2f}"
         lines.append(
@@ -226,9 +236,6 @@ def _per_seed(runs: list[dict], name: str, decimals: int = 1) -> str:
 
 def memorisation_tables(rows: list[dict]) -> list[str]:
     """Per cell and method, seed by seed: how much of the noise the final model learned (`bench/memorisation.py`)."""
-    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)].append(row)
     lines = [
         "#### How much of the noise the final models learned",
         "",
@@ -241,8 +248,7 @@ def memorisation_tables(rows: list[dict]) -> list[str]:
         "flip noise its memorised column is the natural confusion between each class and its noise partner.",
         "",
     ]
-    for cell in sorted(groups, key=lambda cell: tuple(str(value) for value in cell)):
-        methods = groups[cell]
+    for cell, methods in group_runs(rows).items():
         lines += [
             f"##### {cell_title(cell)}",
             "",
@@ -250,7 +256,7 @@ def memorisation_tables(rows: list[dict]) -> list[str]:
             "| test acc. |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 5):
+        for method in sorted(methods, key=method_rank):
             runs = sorted(methods[method], key=lambda run: run["seed"])
             lines.append(
                 f"| {method} | {','.join(str(run['seed']) for run in runs)} "
@@ -278,7 +284,7 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
     figures.mkdir(parents=True, exist_ok=True)
     for (corpus, kind, clean, epochs, rows, validation), methods in series.items():
         figure, axis = plt.subplots(figsize=(6, 4))
-        for method in sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else 99):
+        for method in sorted(methods, key=method_rank):
             points = sorted(methods[method])
             rates = [point[0] for point in points]
             means = [100 * point[1] for point in points]

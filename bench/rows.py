@@ -5,6 +5,8 @@ reads the results) and `bench/memorisation.py` (which reads the runs' folders) s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 # Fields that rows written before they were recorded lack, with the one value those rows used.
@@ -43,8 +45,9 @@ def _safe(text) -> str:
 
 def run_folder_name(run: dict) -> str:
     """
-    The folder of one run under `--runs_dir`. Every field of the run's key is in it, so two runs that differ in any of
-    them (the number of rows, say) never share, and overwrite, a folder.
+    The folder of one run under `--runs_dir`: the run's key in readable form (the model by its last path part), then a
+    short hash of the whole key, so two runs that differ in any key field (the number of rows, the model's folder)
+    never share, and overwrite, a folder.
     """
     model = _safe(str(run["model"]).rstrip("/").rsplit("/", 1)[-1])
     name = f"{run['corpus']}-{model}-{run['noise_type']}-{run['noise_rate']}-c{run['num_clean_per_class']}"
@@ -54,4 +57,5 @@ def run_folder_name(run: dict) -> str:
         name += f"-mlr{run['meta_learning_rate']:g}"
     if run.get("mlc_settings"):
         name += "-" + _safe(run["mlc_settings"])
-    return name
+    key = json.dumps([row_value(run, field) for field in KEY_FIELDS])
+    return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"

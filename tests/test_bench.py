@@ -79,9 +79,12 @@ def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_d
     runs += accuracy.grid(accuracy.parse_args([*argv, "--max_train_samples", "4000"]))
     runs += accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "skip_connection=true"]))
     runs += accuracy.grid(accuracy.parse_args([*argv, "--model", "/some/where/other-model", "--max_length", "128"]))
+    runs += accuracy.grid(
+        accuracy.parse_args([*argv, "--model", "/else/other-model", "--max_length", "128"])
+    )  # the same last path part
     # (the finetune runs of the skip_connection grid are the plain grid's: same key, same folder)
     names = {accuracy.run_key(run): accuracy.run_folder_name(run) for run in runs}
-    assert len(names) == 88 and len(set(names.values())) == len(names)
+    assert len(names) == 112 and len(set(names.values())) == len(names)
 
     # The run's key goes into its folder before the recipe starts, for the tools that read the folders later.
     def fail(*args, **kwargs):
