@@ -22,7 +22,6 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rows import RUN_FILE  # noqa: E402
+from bench.rows import finished_run_folders, load_run_key, runs_in  # noqa: E402
 from mlc_text.data import prepare_corpus  # noqa: E402
 from mlc_text.pipeline import parse_args as parse_recipe_args  # noqa: E402
 
@@ -58,18 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_folders(runs_dir: str, pattern: str) -> list[str]:
-    names = sorted(name for name in os.listdir(runs_dir) if fnmatch.fnmatch(name, pattern))
-    folders = [os.path.join(runs_dir, name) for name in names]
-    done = [folder for folder in folders if os.path.exists(os.path.join(folder, "model.safetensors"))]
-    if not done:
-        raise SystemExit(f"no finished run (a folder with model.safetensors) matches {pattern!r} in {runs_dir}")
-    unkeyed = [os.path.basename(folder) for folder in done if not os.path.exists(os.path.join(folder, RUN_FILE))]
-    if unkeyed:  # refused before any scoring, so no half-written output
-        raise SystemExit(
-            f"{len(unkeyed)} run folder(s) lack {RUN_FILE}, e.g. {unkeyed[0]!r}: they were not written by "
-            "bench/accuracy.py (or by a version before it recorded each run's key)"
-        )
-    return done
+    return finished_run_folders(runs_dir, pattern, needs="model.safetensors")
 
 
 @torch.inference_mode()
@@ -119,8 +107,7 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     to_partner = None if partner is None else float((test_predicted == partner[test_true]).mean())
     with open(os.path.join(folder, "results.json")) as handle:
         recorded = json.load(handle)
-    with open(os.path.join(folder, RUN_FILE)) as handle:
-        run = json.load(handle)
+    run = load_run_key(folder)
     return {
         "run": os.path.basename(folder),
         **run,
@@ -135,19 +122,11 @@ def score(folder: str, max_train_rows: int, batch_size: int) -> dict:
     }
 
 
-def scored_runs(path: str) -> set[str]:
-    """Names of the run folders already scored in `path` (a rerun skips them, so an interrupted one resumes)."""
-    if not os.path.exists(path):
-        return set()
-    with open(path) as handle:
-        return {json.loads(line)["run"] for line in handle if line.strip()}
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     folders = run_folders(args.runs_dir, args.pattern)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    done = scored_runs(args.output)
+    done = runs_in(args.output)
     folders = [folder for folder in folders if os.path.basename(folder) not in done]
     print(f"{len(done)} runs already in {args.output}; {len(folders)} to score")
     for folder in tqdm(folders, desc="memorisation", unit="run"):

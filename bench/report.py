@@ -8,10 +8,12 @@ clean_only-to-oracle gap that the method recovers. The generated part of docs/RE
 comments; the text around them is kept, so the written conclusions survive a regeneration.
 
 Given `--memorisation` (the output of `bench/memorisation.py` for the same runs), the block also gets, per cell and
-method, how much of the label noise the final models learned, seed by seed.
+method, how much of the label noise the final models learned, seed by seed; given `--train_logs` (the output of
+`bench/train_logs.py`), what L2RW's weights and MLC's corrector did to the noisy rows while they trained.
 
     python bench/report.py                 # rewrites the generated block of docs/RESULTS.md, plots to docs/figures
-    python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl     # what docs/RESULTS.md shows
+    python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl \
+        --train_logs bench/results/train_logs-cpu.jsonl                           # what docs/RESULTS.md shows
 """
 
 from __future__ import annotations
@@ -268,6 +270,51 @@ def memorisation_tables(rows: list[dict]) -> list[str]:
     return lines
 
 
+# What the training-log tables show (bench/train_logs.py logs more), with the words for each.
+LOGGED = {
+    "weight_on_corrupted": "weight on wrong rows",
+    "zero_weight_share": "rows weighted 0",
+    "correction_accuracy": "corrected label right",
+    "agreement_with_noisy": "corrected = given label",
+}
+
+
+def train_log_tables(rows: list[dict]) -> list[str]:
+    """Per cell and method, seed by seed: the diagnostics L2RW and MLC logged while training (`bench/train_logs.py`)."""
+    lines = [
+        "#### What the weights and the corrector did while training",
+        "",
+        "From `bench/train_logs.py`, over each run's logs (one every 10 steps, each the mean over its steps): the "
+        "mean over the run, then the last log. *Weight on wrong rows*: the share of a noisy batch's weight (L2RW) on "
+        "rows whose label the noise changed, to read against *wrong rows*, the share of such rows (what weights "
+        "blind to the noise would give); *rows weighted 0*: the share L2RW dropped; *corrected label right* and "
+        "*corrected = given label*: the argmax of MLC's corrected labels against the true and the given labels. "
+        "Values in %, one per seed, in the order of the seeds column.",
+        "",
+    ]
+    for cell, methods in group_runs(rows).items():
+        body = []
+        for method in sorted(methods, key=method_rank):
+            runs = sorted(methods[method], key=lambda run: run["seed"])
+            for metric, words in LOGGED.items():
+                if any(f"{metric}_mean" in run for run in runs):
+                    body.append(
+                        f"| {method} | {','.join(str(run['seed']) for run in runs)} "
+                        f"| {_per_seed(runs, 'realised_noise_rate')} | {words} | {_per_seed(runs, f'{metric}_mean')} "
+                        f"| {_per_seed(runs, f'{metric}_last')} |"
+                    )
+        if body:
+            lines += [
+                f"##### {cell_title(cell)}",
+                "",
+                "| method | seeds | wrong rows | logged | mean over the run | last log |",
+                "|---|---|---|---|---|---|",
+                *body,
+                "",
+            ]
+    return lines
+
+
 def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
     """Test accuracy against noise rate, one figure per (corpus, noise type, clean rows, epochs, rows, validation)."""
     import matplotlib
@@ -311,7 +358,13 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
 
 
 def render(
-    rows: list[dict], cells, figure_paths: list[Path], results_md: Path, source: str, memorised: list[dict] = ()
+    rows: list[dict],
+    cells,
+    figure_paths: list[Path],
+    results_md: Path,
+    source: str,
+    memorised: list[dict] = (),
+    train_logs: list[dict] = (),
 ) -> str:
     runs = len(rows)
     wall = sum(row["wall_s"] for row in rows) / 3600
@@ -343,6 +396,8 @@ def render(
     ]
     if memorised:
         parts += memorisation_tables(memorised)
+    if train_logs:
+        parts += train_log_tables(train_logs)
     for path in figure_paths:
         parts.append(f"![{path.stem}]({os.path.relpath(path, results_md.parent)})")
     parts += ["", END]
@@ -360,14 +415,21 @@ def main(argv=None) -> None:
         help="Output of bench/memorisation.py for the same runs, to tabulate too (e.g. "
         "bench/results/memorisation-cpu.jsonl).",
     )
+    parser.add_argument(
+        "--train_logs",
+        default=None,
+        help="Output of bench/train_logs.py for the same runs, to tabulate too (e.g. "
+        "bench/results/train_logs-cpu.jsonl).",
+    )
     args = parser.parse_args(argv)
     rows = load_rows(args.input)
     memorised = [] if args.memorisation is None else load_rows(args.memorisation, writer="bench/memorisation.py")
+    train_logs = [] if args.train_logs is None else load_rows(args.train_logs, writer="bench/train_logs.py")
     cells = summarise(rows)
     results_md = Path(args.results_md)
     figure_paths = plot(cells, Path(args.figures))
     source = os.path.relpath(args.input, results_md.parent.parent)
-    block = render(rows, cells, figure_paths, results_md, source, memorised)
+    block = render(rows, cells, figure_paths, results_md, source, memorised, train_logs)
     if results_md.exists():
         text = results_md.read_text()
         if BEGIN not in text or END not in text:

@@ -1,12 +1,14 @@
 """
 What `bench/accuracy.py` (which writes `bench/results/accuracy.jsonl` and the runs' folders), `bench/report.py` (which
-reads the results) and `bench/memorisation.py` (which reads the runs' folders) share.
+reads the results), and `bench/memorisation.py` and `bench/train_logs.py` (which read the runs' folders) share.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import os
 import re
 
 # Fields that rows written before they were recorded lack, with the one value those rows used.
@@ -59,3 +61,36 @@ def run_folder_name(run: dict) -> str:
         name += "-" + _safe(run["mlc_settings"])
     key = json.dumps([row_value(run, field) for field in KEY_FIELDS])
     return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def finished_run_folders(runs_dir: str, pattern: str, needs: str) -> list[str]:
+    """
+    The folders under `runs_dir` whose names match the shell `pattern` and that hold `needs` (a file a finished run
+    leaves). Refuses, before anything is read, folders without their run's key ([`RUN_FILE`]), so that no tool writes
+    half an output.
+    """
+    names = sorted(name for name in os.listdir(runs_dir) if fnmatch.fnmatch(name, pattern))
+    folders = [os.path.join(runs_dir, name) for name in names]
+    done = [folder for folder in folders if os.path.exists(os.path.join(folder, needs))]
+    if not done:
+        raise SystemExit(f"no finished run (a folder with {needs}) matches {pattern!r} in {runs_dir}")
+    unkeyed = [os.path.basename(folder) for folder in done if not os.path.exists(os.path.join(folder, RUN_FILE))]
+    if unkeyed:
+        raise SystemExit(
+            f"{len(unkeyed)} run folder(s) lack {RUN_FILE}, e.g. {unkeyed[0]!r}: they were not written by "
+            "bench/accuracy.py (or by a version before it recorded each run's key)"
+        )
+    return done
+
+
+def load_run_key(folder: str) -> dict:
+    with open(os.path.join(folder, RUN_FILE)) as handle:
+        return json.load(handle)
+
+
+def runs_in(path: str) -> set[str]:
+    """Names of the run folders that already have a line in `path` (a rerun skips them, so an interrupted one resumes)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as handle:
+        return {json.loads(line)["run"] for line in handle if line.strip()}

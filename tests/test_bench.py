@@ -236,3 +236,40 @@ def test_memorisation_rebuilds_the_noisy_rows_of_a_run(tiny_model_dir, data_dir,
     assert json.loads(line)["run"] == "flip-run" and json.loads(line)["train_rows_scored"] == 8
     with pytest.raises(SystemExit, match="no finished run"):
         memorisation.run_folders(str(tmp_path / "runs"), "nothing-*")
+
+
+def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_path):
+    train_logs, report = load("train_logs"), load("report")
+    key = {
+        "corpus": "ag_news", "model": "m", "noise_type": "flip", "noise_rate": 0.4, "num_clean_per_class": 100,
+        "epochs": 1.0, "max_train_samples": 2000, "method": "l2rw", "seed": 0,
+    }  # fmt: skip
+    folder = tmp_path / "runs" / "l2rw-run"
+    folder.mkdir(parents=True)
+    history = [
+        {"step": 10, "loss": 1.0, "weight_on_corrupted": 0.3, "zero_weight_share": 0.5},
+        {"step": 20, "loss": 0.9, "weight_on_corrupted": 0.1, "zero_weight_share": 0.4},
+        {"step": 20, "eval_accuracy": 0.8},
+    ]
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (folder / "results.json").write_text(json.dumps({"noise": {"realised_rate": 0.41}}))
+    with pytest.raises(SystemExit, match="lack bench_run.json, e.g. 'l2rw-run'"):
+        train_logs.main(["--runs_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "t.jsonl")])
+    assert not (tmp_path / "t.jsonl").exists()  # refused before writing anything
+    (folder / "bench_run.json").write_text(json.dumps(key))
+
+    row = train_logs.summarise(str(folder))
+    assert {name: row[name] for name in key} == key and row["realised_noise_rate"] == 0.41 and row["logs"] == 2
+    assert row["weight_on_corrupted_mean"] == pytest.approx(0.2)
+    assert (row["weight_on_corrupted_first"], row["weight_on_corrupted_last"]) == (0.3, 0.1)
+    assert "correction_accuracy_mean" not in row  # L2RW has no corrector
+
+    output = tmp_path / "t.jsonl"
+    for _ in range(2):  # the second call finds the run there and skips it
+        train_logs.main(["--runs_dir", str(tmp_path / "runs"), "--output", str(output)])
+    (line,) = output.read_text().splitlines()
+    text = "\n".join(report.train_log_tables([json.loads(line)]))
+    assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
+    assert "| l2rw | 0 | 41.0 | weight on wrong rows | 20.0 | 10.0 |" in text
+    assert "| l2rw | 0 | 41.0 | rows weighted 0 | 45.0 | 40.0 |" in text
+    assert "| corrected label right |" not in text  # no row for what the run did not log
