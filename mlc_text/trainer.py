@@ -389,6 +389,9 @@ class MLCTrainer(CleanDataTrainer):
             )
 
     def _record(self, out: MetaStepOutput, noisy_labels: torch.Tensor, true_labels: torch.Tensor | None) -> None:
+        # Reading values to the host here waits for the step's queued work, which the Trainer waits for anyway right
+        # after training_step (its NaN/inf check of the loss, under the default logging_nan_inf_filter): on a GPU the
+        # only stall this adds is the few small host-side computations below.
         metrics = self._metrics["train"]
         if not torch.isnan(out.clean_loss):
             metrics["clean_loss"].append(self.accelerator.gather_for_metrics(out.clean_loss.reshape(1)).mean().item())
