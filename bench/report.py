@@ -12,8 +12,8 @@ method, how much of the label noise the final models learned, seed by seed; give
 `bench/train_logs.py`), what L2RW's weights and MLC's corrector did to the noisy rows while they trained.
 
     python bench/report.py                 # rewrites the generated block of docs/RESULTS.md, plots to docs/figures
-    python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl \
-        --train_logs bench/results/train_logs-cpu.jsonl                           # what docs/RESULTS.md shows
+    # what docs/RESULTS.md shows:
+    python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl --train_logs bench/results/train_logs-cpu.jsonl
 """
 
 from __future__ import annotations
