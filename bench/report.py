@@ -236,6 +236,22 @@ def _per_seed(runs: list[dict], name: str, decimals: int = 1) -> str:
     return ", ".join(values)
 
 
+def _by_method(methods: dict[str, list[dict]]) -> list[tuple[str, list[dict]]]:
+    """A cell's methods in table order, each with its runs in seed order."""
+    return [
+        (method, sorted(methods[method], key=lambda run: run["seed"])) for method in sorted(methods, key=method_rank)
+    ]
+
+
+def _seeds(runs: list[dict]) -> str:
+    return ",".join(str(run["seed"]) for run in runs)
+
+
+def _cell_table(cell: tuple, columns: list[str], body: list[str]) -> list[str]:
+    """A per-seed table under its cell's heading, then a blank line."""
+    return [f"##### {cell_title(cell)}", "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *body, ""]
+
+
 def memorisation_tables(rows: list[dict]) -> list[str]:
     """Per cell and method, seed by seed: how much of the noise the final model learned (`bench/memorisation.py`)."""
     lines = [
@@ -250,23 +266,25 @@ def memorisation_tables(rows: list[dict]) -> list[str]:
         "flip noise its memorised column is the natural confusion between each class and its noise partner.",
         "",
     ]
+    columns = [
+        "method",
+        "seeds",
+        "wrong rows",
+        "memorised",
+        "recovered",
+        "right rows",
+        "test to the noise's class",
+        "test acc.",
+    ]
     for cell, methods in group_runs(rows).items():
-        lines += [
-            f"##### {cell_title(cell)}",
-            "",
-            "| method | seeds | wrong rows | memorised | recovered | right rows | test to the noise's class "
-            "| test acc. |",
-            "|---|---|---|---|---|---|---|---|",
+        body = [
+            f"| {method} | {_seeds(runs)} | {', '.join(str(run['wrong_rows_scored']) for run in runs)} "
+            f"| {_per_seed(runs, 'memorised')} | {_per_seed(runs, 'recovered')} "
+            f"| {_per_seed(runs, 'train_accuracy_on_clean_labels')} | {_per_seed(runs, 'test_to_noise_partner')} "
+            f"| {_per_seed(runs, 'test_accuracy', decimals=2)} |"
+            for method, runs in _by_method(methods)
         ]
-        for method in sorted(methods, key=method_rank):
-            runs = sorted(methods[method], key=lambda run: run["seed"])
-            lines.append(
-                f"| {method} | {','.join(str(run['seed']) for run in runs)} "
-                f"| {', '.join(str(run['wrong_rows_scored']) for run in runs)} | {_per_seed(runs, 'memorised')} "
-                f"| {_per_seed(runs, 'recovered')} | {_per_seed(runs, 'train_accuracy_on_clean_labels')} "
-                f"| {_per_seed(runs, 'test_to_noise_partner')} | {_per_seed(runs, 'test_accuracy', decimals=2)} |"
-            )
-        lines.append("")
+        lines += _cell_table(cell, columns, body)
     return lines
 
 
@@ -292,26 +310,17 @@ def train_log_tables(rows: list[dict]) -> list[str]:
         "Values in %, one per seed, in the order of the seeds column.",
         "",
     ]
+    columns = ["method", "seeds", "wrong rows", "logged", "mean over the run", "last log"]
     for cell, methods in group_runs(rows).items():
-        body = []
-        for method in sorted(methods, key=method_rank):
-            runs = sorted(methods[method], key=lambda run: run["seed"])
-            for metric, words in LOGGED.items():
-                if any(f"{metric}_mean" in run for run in runs):
-                    body.append(
-                        f"| {method} | {','.join(str(run['seed']) for run in runs)} "
-                        f"| {_per_seed(runs, 'realised_noise_rate')} | {words} | {_per_seed(runs, f'{metric}_mean')} "
-                        f"| {_per_seed(runs, f'{metric}_last')} |"
-                    )
+        body = [
+            f"| {method} | {_seeds(runs)} | {_per_seed(runs, 'realised_noise_rate')} | {words} "
+            f"| {_per_seed(runs, f'{metric}_mean')} | {_per_seed(runs, f'{metric}_last')} |"
+            for method, runs in _by_method(methods)
+            for metric, words in LOGGED.items()
+            if any(f"{metric}_mean" in run for run in runs)
+        ]
         if body:
-            lines += [
-                f"##### {cell_title(cell)}",
-                "",
-                "| method | seeds | wrong rows | logged | mean over the run | last log |",
-                "|---|---|---|---|---|---|",
-                *body,
-                "",
-            ]
+            lines += _cell_table(cell, columns, body)
     return lines
 
 
