@@ -37,7 +37,7 @@ CELL_FIELDS = (
     "corpus", "model", "noise_type", "noise_rate", "num_clean_per_class", "epochs", "max_train_samples",
     "validation_size",
 )  # fmt: skip
-METHOD_ORDER = ("finetune", "clean_only", "glc", "l2rw", "mlc", "oracle")
+METHOD_ORDER = ("finetune", "clean_only", "finetune_clean_batch", "glc", "l2rw", "mlc", "oracle")
 
 
 def load_rows(path: str, writer: str = "bench/accuracy.py") -> list[dict]:

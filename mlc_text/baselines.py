@@ -7,7 +7,10 @@ The methods MLC is compared with, trained on the same data, encoder and budget:
   transition matrix on the clean rows ([`estimate_transition_matrix`]); a fresh model is then trained with the
   forward-corrected loss on noisy rows and the plain loss on clean rows ([`GLCTrainer`]);
 * `l2rw`: Learning to Reweight (Ren et al., 2018) ([`L2RWTrainer`]): per-example weights from the meta-gradient of the
-  clean loss, through the same virtual step as MLC.
+  clean loss, through the same virtual step as MLC;
+* `finetune_clean_batch`: plain fine-tuning on the given noisy labels with a clean batch beside each noisy batch,
+  weighted as MLC and L2RW weight it ([`CleanBatchFinetuneTrainer`]): MLC with the corrector replaced by the given
+  labels, or L2RW with equal weights. It measures how much of their result the clean batch alone gives.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from transformers import Trainer
 from .meta_grad import MetaBatch, l2rw_weights, loss_and_grads
 from .trainer import CleanDataTrainer
 
-__all__ = ["FinetuneTrainer", "GLCTrainer", "L2RWTrainer", "estimate_transition_matrix", "forward_corrected_loss"]
+__all__ = [
+    "CleanBatchFinetuneTrainer",
+    "FinetuneTrainer",
+    "GLCTrainer",
+    "L2RWTrainer",
+    "estimate_transition_matrix",
+    "forward_corrected_loss",
+]
 
 
 class FinetuneTrainer(Trainer):
@@ -139,3 +149,46 @@ class L2RWTrainer(CleanDataTrainer):
             corrupted = (noisy_labels != true_labels) & (true_labels >= 0)
             if weights.sum() > 0:
                 metrics["weight_on_corrupted"].append((weights * corrupted).sum().item() / weights.sum().item())
+
+
+class CleanBatchFinetuneTrainer(CleanDataTrainer):
+    """
+    Fine-tuning on the noisy rows' given labels with a clean batch drawn beside each noisy batch, the loss
+    `share * noisy + (1 - share) * clean` with `share = noisy rows / (noisy + clean rows)` of the step: the main loss
+    of [`MLCTrainer`] with the corrected labels replaced by the given ones (and of [`L2RWTrainer`] with equal
+    weights). The clean rows get far more weight than in `finetune`, which mixes them into the noisy rows once per
+    epoch; this control tells how much of MLC's or L2RW's result comes from that weight rather than from correcting
+    or weighting the noisy rows.
+
+    Raises:
+        ValueError: with `clean_in_main_loss=False` (the clean batch is the point of this method).
+    """
+
+    _tag_names = ["mlc-text", "noisy-labels"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.args.clean_in_main_loss:
+            raise ValueError(
+                "finetune_clean_batch always trains on the clean batch; clean_in_main_loss=False is not accepted "
+                "(use method='finetune' for plain fine-tuning)"
+            )
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        inputs.pop("true_label", None)
+        noisy_labels = inputs.pop("labels")
+        clean_inputs, clean_labels = self.next_clean_batch()
+        unwrapped = self.accelerator.unwrap_model(model)
+        autocast = self.compute_loss_context_manager
+        noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast)
+        clean_loss, clean_grads = loss_and_grads(unwrapped, clean_inputs, clean_labels, autocast=autocast)
+        share = len(noisy_labels) / (len(noisy_labels) + len(clean_labels))
+        grads = {name: share * grad + (1 - share) * clean_grads[name] for name, grad in grads.items()}
+        if self.reduce is not None:
+            self.reduce(list(grads.values()))
+        self.accumulate_main_grads(unwrapped, grads)
+        self._metrics["train"]["clean_loss"].append(clean_loss.item())
+        loss = share * noisy_loss + (1 - share) * clean_loss
+        return loss.to(self.args.device) / self.current_gradient_accumulation_steps

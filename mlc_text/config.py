@@ -15,7 +15,7 @@ __all__ = [
     "META_GRADIENTS",
 ]
 
-METHODS = ("mlc", "finetune", "clean_only", "glc", "l2rw", "oracle")
+METHODS = ("mlc", "finetune", "clean_only", "glc", "l2rw", "finetune_clean_batch", "oracle")
 META_GRADIENTS = ("jvp", "reference")
 
 
@@ -27,7 +27,8 @@ class MLCTrainingArguments(TrainingArguments):
 
     Parameters:
         method (`str`, *optional*, defaults to `"mlc"`):
-            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `glc`, `l2rw`, `oracle`.
+            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `glc`, `l2rw`,
+            `finetune_clean_batch`, `oracle`.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
         meta_learning_rate (`float`, *optional*, defaults to `3e-5`):

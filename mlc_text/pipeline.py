@@ -28,7 +28,13 @@ from transformers import (
     set_seed,
 )
 
-from .baselines import FinetuneTrainer, GLCTrainer, L2RWTrainer, estimate_transition_matrix
+from .baselines import (
+    CleanBatchFinetuneTrainer,
+    FinetuneTrainer,
+    GLCTrainer,
+    L2RWTrainer,
+    estimate_transition_matrix,
+)
 from .config import METHODS, DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
 from .data import NoisyCorpus, prepare_corpus, save_noise_report, tokenize_corpus
 from .metrics import build_compute_metrics, correction_stats, learned_transition_matrix
@@ -128,7 +134,7 @@ def _check_settings(data_args: DataArguments, training_args: MLCTrainingArgument
     if training_args.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {training_args.method!r}")
     no_clean = not data_args.num_clean_per_class and not data_args.clean_fraction
-    if no_clean and training_args.method in ("mlc", "l2rw", "glc", "clean_only"):
+    if no_clean and training_args.method in ("mlc", "l2rw", "glc", "clean_only", "finetune_clean_batch"):
         raise ValueError(
             f"method {training_args.method!r} needs clean rows: set num_clean_per_class >= 1 or clean_fraction > 0"
         )
@@ -195,8 +201,9 @@ def build_trainer(method: str, model_factory, corpus: NoisyCorpus, tokenizer, tr
         "eval_dataset": corpus.validation,
     }
     clean = _columns(corpus.clean, [*inputs, "label"])
-    if method in ("mlc", "l2rw"):
-        trainer_class = MLCTrainer if method == "mlc" else L2RWTrainer
+    if method in ("mlc", "l2rw", "finetune_clean_batch"):
+        trainers = {"mlc": MLCTrainer, "l2rw": L2RWTrainer, "finetune_clean_batch": CleanBatchFinetuneTrainer}
+        trainer_class = trainers[method]
         return trainer_class(
             model=model_factory(), args=training_args, train_dataset=corpus.train, clean_dataset=corpus.clean, **common
         )

@@ -70,6 +70,10 @@ METHOD_DESCRIPTIONS = {
     "l2rw": (
         "Learning to Reweight (Ren et al., 2018): each noisy row is weighted by the meta-gradient of the clean loss."
     ),
+    "finetune_clean_batch": (
+        "Fine-tuning on the noisy rows with their given labels, with a clean batch beside each noisy batch weighted "
+        "as MLC weights it: MLC without its label corrector."
+    ),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

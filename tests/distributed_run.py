@@ -1,14 +1,15 @@
 """
-Trains a tiny MLC (and L2RW) run and saves what each process ends with; `tests/test_distributed.py` launches it on two
-CPU processes and calls [`train_and_save`] in-process for the single-process reference.
+Trains tiny MLC, L2RW and finetune_clean_batch runs and saves what each process ends with; `tests/test_distributed.py`
+launches it on two CPU processes and calls [`train_and_save`] in-process for the single-process reference.
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no --main_process_port 29517 tests/distributed_run.py --output_dir /tmp/out \
         --per_device_train_batch_size 4 --clean_batch_size 2
 
-Each process writes `{run}_rank{r}.pt` (runs: `mlc`, `l2rw`, and `mlc_accum2` with gradient_accumulation_steps=2)
-with the state dicts of the main net (and of the corrector for MLC), the noisy and clean `input_ids` it trained on,
-micro-batch by micro-batch, what it all-reduced by hand, and how the run was distributed.
+Each process writes `{run}_rank{r}.pt` (runs: `mlc`, `l2rw`, `finetune_clean_batch`, and `mlc_accum2` with
+gradient_accumulation_steps=2) with the state dicts of the main net (and of the corrector for MLC), the noisy and
+clean `input_ids` it trained on, micro-batch by micro-batch, what it all-reduced by hand, and how the run was
+distributed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests` as a package
 
-from mlc_text.baselines import L2RWTrainer  # noqa: E402
+from mlc_text.baselines import CleanBatchFinetuneTrainer, L2RWTrainer  # noqa: E402
 from mlc_text.meta_net import LabelCorrector  # noqa: E402
 from mlc_text.trainer import MLCTrainer  # noqa: E402
 from tests.conftest import tiny_bert  # noqa: E402
@@ -29,9 +30,14 @@ from tests.test_trainer import NUM_LABELS, datasets, make_trainer  # noqa: E402
 
 __all__ = ["RUNS", "TRAINER_CLASSES", "build_nets", "recording", "train_and_save"]
 
-TRAINER_CLASSES = {"mlc": MLCTrainer, "l2rw": L2RWTrainer}
+TRAINER_CLASSES = {"mlc": MLCTrainer, "l2rw": L2RWTrainer, "finetune_clean_batch": CleanBatchFinetuneTrainer}
 # Run name -> (method, gradient_accumulation_steps).
-RUNS = {"mlc": ("mlc", 1), "l2rw": ("l2rw", 1), "mlc_accum2": ("mlc", 2)}
+RUNS = {
+    "mlc": ("mlc", 1),
+    "l2rw": ("l2rw", 1),
+    "finetune_clean_batch": ("finetune_clean_batch", 1),
+    "mlc_accum2": ("mlc", 2),
+}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

@@ -7,6 +7,7 @@ from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
 from mlc_text.baselines import (
+    CleanBatchFinetuneTrainer,
     FinetuneTrainer,
     GLCTrainer,
     L2RWTrainer,
@@ -39,6 +40,59 @@ def test_l2rw_trains_and_logs_weights(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
     for key in ("clean_loss", "zero_weight_share", "weight_on_corrupted"):
         assert key in logged
+
+
+class RecordingCleanBatchTrainer(CleanBatchFinetuneTrainer):
+    """Keeps each step's noisy and clean batches and the gradient its `training_step` left in `.grad`."""
+
+    def next_clean_batch(self):
+        self.last_clean = super().next_clean_batch()
+        return self.last_clean
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        prepared = {key: value.clone() for key, value in self._prepare_inputs(inputs).items() if key != "true_label"}
+        assert all(param.grad is None or not param.grad.any() for param in model.parameters())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+        self.steps = [*getattr(self, "steps", []), (prepared, self.last_clean, grads, loss.detach())]
+        return loss
+
+
+def test_finetune_clean_batch_step_is_the_weighted_mean_of_noisy_and_clean_losses(tmp_path):
+    # Clean batch size 4 beside 8 noisy rows: share 8/12 on the noisy loss, 4/12 on the clean loss.
+    trainer = make_trainer(
+        tmp_path,
+        model=tiny_bert(NUM_LABELS, dropout=0.0),
+        trainer_class=RecordingCleanBatchTrainer,
+        method="finetune_clean_batch",
+        clean_batch_size=4,
+        max_steps=2,
+        max_grad_norm=0.0,
+    )
+    initial = {key: value.clone() for key, value in trainer.model.state_dict().items()}
+    trainer.train()
+    noisy_inputs, (clean_inputs, clean_labels), grads, loss = trainer.steps[0]
+    assert len(noisy_inputs["labels"]) == 8 and len(clean_labels) == 4
+
+    reference = tiny_bert(NUM_LABELS, dropout=0.0)
+    reference.load_state_dict(initial)
+    noisy_labels = noisy_inputs.pop("labels")
+    noisy_loss = torch.nn.functional.cross_entropy(reference(**noisy_inputs).logits, noisy_labels)
+    clean_loss = torch.nn.functional.cross_entropy(reference(**clean_inputs).logits, clean_labels)
+    expected_loss = 8 / 12 * noisy_loss + 4 / 12 * clean_loss
+    expected_loss.backward()
+    torch.testing.assert_close(loss, expected_loss.detach())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and "clean_loss" in logged[-1]
+
+
+def test_finetune_clean_batch_refuses_to_drop_the_clean_batch(tmp_path):
+    with pytest.raises(ValueError, match="clean_in_main_loss=False is not accepted"):
+        make_trainer(
+            tmp_path, trainer_class=CleanBatchFinetuneTrainer, method="finetune_clean_batch", clean_in_main_loss=False
+        )
 
 
 def test_forward_corrected_loss_with_identity_is_cross_entropy():

@@ -97,7 +97,10 @@ def test_arguments_from_a_json_file_keep_the_recipe_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--method", "mwnet"), "method must be one of mlc, finetune, clean_only, glc, l2rw, oracle, got 'mwnet'"),
+        (
+            ("--method", "mwnet"),
+            "method must be one of mlc, finetune, clean_only, glc, l2rw, finetune_clean_batch, oracle, got 'mwnet'",
+        ),
         (("--corpus", "yahoo"), "yahoo"),
         (("--method", "clean_only", "--num_clean_per_class", "0"), "method 'clean_only' needs clean rows"),
         (("--noise_rate", "1.5"), "noise_rate"),
