@@ -48,7 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise_rates", nargs="+", type=float, default=[0.4, 0.6])
     parser.add_argument("--clean_per_class", nargs="+", type=int, default=[100])
     parser.add_argument("--epochs", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--methods", nargs="+", default=["finetune", "clean_only", "mlc", "l2rw", "glc", "oracle"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["finetune", "clean_only", "finetune_clean_batch", "mlc", "l2rw", "glc", "oracle"],
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--model", default="minilm-l6", help="Alias, Hub id or local path of the encoder.")
     parser.add_argument("--max_train_samples", type=int, default=2000, help="Noisy training rows before the split.")
