@@ -103,6 +103,10 @@ def test_arguments_from_a_json_file_keep_the_recipe_defaults(tmp_path):
         ),
         (("--corpus", "yahoo"), "yahoo"),
         (("--method", "clean_only", "--num_clean_per_class", "0"), "method 'clean_only' needs clean rows"),
+        (
+            ("--method", "finetune_clean_batch", "--clean_in_main_loss", "false"),
+            "clean_in_main_loss=False is not accepted",
+        ),
         (("--noise_rate", "1.5"), "noise_rate"),
         (("--max_length", "4"), "max_length"),
     ],
