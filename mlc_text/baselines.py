@@ -15,6 +15,7 @@ The methods MLC is compared with, trained on the same data, encoder and budget:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "FinetuneTrainer",
     "GLCTrainer",
     "L2RWTrainer",
+    "check_clean_batch_finetune",
     "estimate_transition_matrix",
     "forward_corrected_loss",
 ]
@@ -107,6 +109,39 @@ class GLCTrainer(FinetuneTrainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
+def _add_clean_term(
+    model: nn.Module,
+    num_noisy: int,
+    noisy_loss: torch.Tensor,
+    noisy_grads: dict[str, torch.Tensor],
+    clean_inputs: dict[str, torch.Tensor],
+    clean_labels: torch.Tensor,
+    autocast=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Adds a step's clean batch to its main loss, as MLC does: `share * noisy + (1 - share) * clean` with `share =
+    num_noisy / (num_noisy + clean rows)`. `noisy_grads` (fresh from [`loss_and_grads`], read nowhere else) become the
+    gradient of that loss in place, so no second copy of the gradient is made.
+
+    Returns:
+        `(main loss, the clean batch's loss at the model's weights)`, both detached.
+    """
+    share = num_noisy / (num_noisy + len(clean_labels))
+    clean_loss, clean_grads = loss_and_grads(model, clean_inputs, clean_labels, autocast=autocast)
+    for name, grad in noisy_grads.items():
+        grad.mul_(share).add_(clean_grads[name], alpha=1 - share)
+    return share * noisy_loss + (1 - share) * clean_loss, clean_loss
+
+
+def check_clean_batch_finetune(args) -> None:
+    """Refuses `clean_in_main_loss=False` for `finetune_clean_batch`, whose point is the clean batch."""
+    if not args.clean_in_main_loss:
+        raise ValueError(
+            "method 'finetune_clean_batch' always trains on the clean batch; clean_in_main_loss=False is not accepted "
+            "(use method 'finetune' for plain fine-tuning)"
+        )
+
+
 class L2RWTrainer(CleanDataTrainer):
     """
     Learning to Reweight: each step weights the noisy batch by [`~mlc_text.meta_grad.l2rw_weights`] and trains on the
@@ -128,13 +163,9 @@ class L2RWTrainer(CleanDataTrainer):
         noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast, weights=weights)
         loss = noisy_loss
         if self.args.clean_in_main_loss:
-            num_noisy, num_clean = len(noisy_labels), len(batch.clean_labels)
-            share = num_noisy / (num_noisy + num_clean)
-            clean_loss_at_w, clean_grads = loss_and_grads(
-                unwrapped, batch.clean_inputs, batch.clean_labels, autocast=autocast
+            loss, _ = _add_clean_term(
+                unwrapped, len(noisy_labels), noisy_loss, grads, batch.clean_inputs, batch.clean_labels, autocast
             )
-            grads = {name: share * grad + (1 - share) * clean_grads[name] for name, grad in grads.items()}
-            loss = share * noisy_loss + (1 - share) * clean_loss_at_w
         if self.reduce is not None:
             self.reduce(list(grads.values()))
         self.accumulate_main_grads(unwrapped, grads)
@@ -168,11 +199,7 @@ class CleanBatchFinetuneTrainer(CleanDataTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not self.args.clean_in_main_loss:
-            raise ValueError(
-                "finetune_clean_batch always trains on the clean batch; clean_in_main_loss=False is not accepted "
-                "(use method='finetune' for plain fine-tuning)"
-            )
+        check_clean_batch_finetune(self.args)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -183,12 +210,11 @@ class CleanBatchFinetuneTrainer(CleanDataTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         autocast = self.compute_loss_context_manager
         noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast)
-        clean_loss, clean_grads = loss_and_grads(unwrapped, clean_inputs, clean_labels, autocast=autocast)
-        share = len(noisy_labels) / (len(noisy_labels) + len(clean_labels))
-        grads = {name: share * grad + (1 - share) * clean_grads[name] for name, grad in grads.items()}
+        loss, clean_loss = _add_clean_term(
+            unwrapped, len(noisy_labels), noisy_loss, grads, clean_inputs, clean_labels, autocast
+        )
         if self.reduce is not None:
             self.reduce(list(grads.values()))
         self.accumulate_main_grads(unwrapped, grads)
-        self._metrics["train"]["clean_loss"].append(clean_loss.item())
-        loss = share * noisy_loss + (1 - share) * clean_loss
+        self._metrics["train"]["clean_loss"].append(clean_loss.item())  # at w (L2RW and MLC log it at w')
         return loss.to(self.args.device) / self.current_gradient_accumulation_steps

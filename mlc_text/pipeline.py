@@ -33,6 +33,7 @@ from .baselines import (
     FinetuneTrainer,
     GLCTrainer,
     L2RWTrainer,
+    check_clean_batch_finetune,
     estimate_transition_matrix,
 )
 from .config import METHODS, DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
@@ -138,11 +139,8 @@ def _check_settings(data_args: DataArguments, training_args: MLCTrainingArgument
         raise ValueError(
             f"method {training_args.method!r} needs clean rows: set num_clean_per_class >= 1 or clean_fraction > 0"
         )
-    if training_args.method == "finetune_clean_batch" and not training_args.clean_in_main_loss:
-        raise ValueError(
-            "method 'finetune_clean_batch' always trains on the clean batch; clean_in_main_loss=False is not accepted "
-            "(use --method finetune for plain fine-tuning)"
-        )
+    if training_args.method == "finetune_clean_batch":
+        check_clean_batch_finetune(training_args)
 
 
 def _setup_logging(training_args: MLCTrainingArguments) -> None:
