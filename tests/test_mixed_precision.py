@@ -60,33 +60,47 @@ def test_bf16_l2rw_weights_close_to_float32():
     torch.testing.assert_close(half.sum(), full.sum())  # both normalised to 1
 
 
-def test_bf16_training_on_cpu_runs_in_bf16_and_lowers_the_loss(tmp_path):
+def bf16_trainer(tmp_path, trainer_class, **overrides):
+    """A tiny trainer with bf16=True on 128 noisy and 32 clean rows, 16 steps of batch 16."""
     noisy, clean = datasets(num_noisy=128, num_clean=32, noise_rate=0.1)
+    settings = {"max_steps": 16, "learning_rate": 1e-2, "per_device_train_batch_size": 16, "logging_steps": 4}
     trainer = make_trainer(
         tmp_path,
+        trainer_class=trainer_class,
         model=tiny_bert(NUM_LABELS, dropout=0.0),
         noisy=noisy,
         clean=clean,
         bf16=True,
-        max_steps=16,
-        learning_rate=1e-2,
-        meta_learning_rate=1e-2,
-        per_device_train_batch_size=16,
-        logging_steps=4,
+        **{**settings, **overrides},
     )
     assert trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
+    return trainer
+
+
+def train_recording_dtypes(trainer) -> tuple[list[torch.dtype], list[float], list[float]]:
+    """
+    Trains, recording the output dtype of every pass through the first encoder layer's intermediate projection.
+    Checks that the master weights stayed float32 and that the logged losses are finite; returns `(dtypes, logged
+    losses, logged clean losses)`.
+    """
     dtypes = []
     layer = trainer.model.bert.encoder.layer[0].intermediate.dense
     layer.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
-    corrector_before = [param.detach().clone() for param in trainer.corrector.parameters()]
     trainer.train()
-    # Every pass of the meta step ran under autocast: noisy at w, clean at w (first step only; later steps reuse the
-    # clean pass at w' of the step before), clean at w', the forward-mode pass.
-    assert len(dtypes) == 4 + 3 * 15 and set(dtypes) == {torch.bfloat16}, (len(dtypes), set(dtypes))
     assert all(param.dtype == torch.float32 for param in trainer.model.parameters())  # master weights stay fp32
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     losses, clean_losses = [entry["loss"] for entry in logged], [entry["clean_loss"] for entry in logged]
     assert all(torch.isfinite(torch.tensor(losses + clean_losses)))
+    return dtypes, losses, clean_losses
+
+
+def test_bf16_training_on_cpu_runs_in_bf16_and_lowers_the_loss(tmp_path):
+    trainer = bf16_trainer(tmp_path, MLCTrainer, meta_learning_rate=1e-2)
+    corrector_before = [param.detach().clone() for param in trainer.corrector.parameters()]
+    dtypes, losses, clean_losses = train_recording_dtypes(trainer)
+    # Every pass of the meta step ran under autocast: noisy at w, clean at w (first step only; later steps reuse the
+    # clean pass at w' of the step before), clean at w', the forward-mode pass.
+    assert len(dtypes) == 4 + 3 * 15 and set(dtypes) == {torch.bfloat16}, (len(dtypes), set(dtypes))
     # Measured: loss 1.10 -> 0.86 (the corrector's soft labels keep it near their entropy), clean loss 1.06 -> 0.54.
     assert losses[-1] < 0.9 * losses[0], losses
     assert clean_losses[-1] < 0.7 * clean_losses[0], clean_losses
@@ -94,30 +108,9 @@ def test_bf16_training_on_cpu_runs_in_bf16_and_lowers_the_loss(tmp_path):
 
 
 def test_bf16_clean_batch_finetune_runs_in_bf16_and_lowers_the_loss(tmp_path):
-    noisy, clean = datasets(num_noisy=128, num_clean=32, noise_rate=0.1)
-    trainer = make_trainer(
-        tmp_path,
-        trainer_class=CleanBatchFinetuneTrainer,
-        model=tiny_bert(NUM_LABELS, dropout=0.0),
-        noisy=noisy,
-        clean=clean,
-        bf16=True,
-        max_steps=16,
-        learning_rate=1e-2,
-        per_device_train_batch_size=16,
-        logging_steps=4,
-    )
-    assert trainer.accelerator.mixed_precision == "bf16"
-    dtypes = []
-    layer = trainer.model.bert.encoder.layer[0].intermediate.dense
-    layer.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
-    trainer.train()
+    dtypes, losses, clean_losses = train_recording_dtypes(bf16_trainer(tmp_path, CleanBatchFinetuneTrainer))
     # Two passes a step, both under autocast: the noisy batch and the clean batch.
     assert len(dtypes) == 2 * 16 and set(dtypes) == {torch.bfloat16}, (len(dtypes), set(dtypes))
-    assert all(param.dtype == torch.float32 for param in trainer.model.parameters())
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    losses, clean_losses = [entry["loss"] for entry in logged], [entry["clean_loss"] for entry in logged]
-    assert all(torch.isfinite(torch.tensor(losses + clean_losses)))
     # Measured: loss 1.07 -> 0.35, clean loss 1.07 -> 0.30 (float32: the same to the second decimal).
     assert losses[-1] < 0.7 * losses[0], losses
     assert clean_losses[-1] < 0.7 * clean_losses[0], clean_losses
