@@ -38,6 +38,7 @@ CELL_FIELDS = (
     "validation_size",
 )  # fmt: skip
 METHOD_ORDER = ("finetune", "clean_only", "finetune_clean_batch", "glc", "l2rw", "mlc", "oracle")
+REFERENCE_LINES = {"clean_only": "--", "oracle": ":"}  # drawn as lines across each noise setting in the plots
 
 
 def load_rows(path: str, writer: str = "bench/accuracy.py") -> list[dict]:
@@ -325,41 +326,71 @@ def train_log_tables(rows: list[dict]) -> list[str]:
 
 
 def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
-    """Test accuracy against noise rate, one figure per (corpus, noise type, clean rows, epochs, rows, validation)."""
+    """
+    Test accuracy per method and noise setting, one figure per (corpus, model, clean rows, epochs, rows, validation).
+
+    The noise settings of the figure (type and rate) go along x; at each, every method's mean ± standard deviation over
+    seeds, its seeds as faint dots beside it, and clean_only and the oracle as reference lines across the setting.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple, dict[tuple, dict[str, dict]]] = defaultdict(dict)
     for cell, methods in cells.items():
         corpus, model, kind, rate, clean, epochs, rows, validation = cell
-        for method, stats in methods.items():
-            series[(corpus, kind, clean, epochs, rows, validation)][method].append((rate, *stats["test_accuracy"]))
+        groups[(corpus, model, clean, epochs, rows, validation)][(kind, rate)] = methods
     written = []
     figures.mkdir(parents=True, exist_ok=True)
-    for (corpus, kind, clean, epochs, rows, validation), methods in series.items():
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for method in sorted(methods, key=method_rank):
-            points = sorted(methods[method])
-            rates = [point[0] for point in points]
-            means = [100 * point[1] for point in points]
-            errors = [100 * (point[2] or 0.0) for point in points]
-            reference = method in ("oracle", "clean_only")
-            axis.errorbar(
-                rates, means, yerr=errors, label=method, capsize=3, marker="o", linestyle="--" if reference else "-"
-            )
-        axis.set_xlabel(f"{kind} noise rate")
+    for (corpus, model, clean, epochs, rows, validation), settings in groups.items():
+        order = sorted(settings)
+        names = sorted(
+            {name for methods in settings.values() for name in methods if name not in REFERENCE_LINES},
+            key=lambda name: (method_rank(name), name),
+        )
+        colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        width = 0.8
+        figure, axis = plt.subplots(figsize=(5.5 + 1.8 * len(order), 4.5))
+        labelled = set()
+        for x, setting in enumerate(order):
+            methods = settings[setting]
+            for reference, style in REFERENCE_LINES.items():
+                if reference in methods:
+                    axis.hlines(
+                        100 * methods[reference]["test_accuracy"][0], x - width / 2, x + width / 2, colors="black",
+                        linestyles=style, label=None if reference in labelled else f"{reference} (reference)",
+                    )  # fmt: skip
+                    labelled.add(reference)
+            for index, name in enumerate(names):
+                if name not in methods:
+                    continue
+                position = x - width / 2 + width * (index + 0.5) / len(names)
+                mean, std = methods[name]["test_accuracy"]
+                seeds = [100 * value for value in methods[name]["by_seed"].values()]
+                colour = colours(index % colours.N)
+                dots = position - 0.3 * width / len(names)  # beside the error bar, not under it
+                axis.scatter([dots] * len(seeds), seeds, s=10, color=colour, alpha=0.5, linewidths=0)
+                axis.errorbar(
+                    [position], [100 * mean], yerr=[100 * (std or 0.0)], fmt="o", color=colour, capsize=3,
+                    label=None if name in labelled else name,
+                )  # fmt: skip
+                labelled.add(name)
+        axis.set_xticks(range(len(order)), [f"{kind} {rate:g}" for kind, rate in order])
+        axis.set_xlim(-0.6, len(order) - 0.4)
+        axis.set_xlabel("noise (type and rate)")
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(
-            f"{corpus}, {clean} clean/class, {epochs:g} epoch(s), {rows} rows"
-            + ("" if validation == LEGACY_DEFAULTS["validation_size"] else f", validation {validation}")
+            f"{corpus}, {model}, {clean} clean/class, {epochs:g} epoch(s), {rows} rows"
+            + ("" if validation == LEGACY_DEFAULTS["validation_size"] else f", validation {validation}"),
+            fontsize=10,
         )
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mean ± std; dots: seeds",
+                    title_fontsize=7)  # fmt: skip
         figure.tight_layout()
-        # every field of the series in the name, so no two figures overwrite each other
-        path = figures / f"accuracy_{corpus}_{kind}_c{clean}_e{epochs:g}_n{rows}_v{validation}.png"
+        # every field of the group in the name, so no two figures overwrite each other
+        path = figures / f"accuracy_{corpus}_{model}_c{clean}_e{epochs:g}_n{rows}_v{validation}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)

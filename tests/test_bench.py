@@ -147,7 +147,11 @@ def test_report_means_and_gap_share(tmp_path):
     text = results_md.read_text()
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
-    assert (tmp_path / "accuracy_ag_news_flip_c100_e1_n2000_v500.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "accuracy_ag_news_m_c100_e1_n2000_v500.png").read_bytes()[:4] == b"\x89PNG"
+    # one figure per (corpus, model, clean rows, epochs, rows, validation): both noise settings share it
+    uniform = [{**row, "noise_type": "uniform", "noise_rate": 0.8} for row in rows]
+    (figure,) = report.plot(report.summarise(rows + uniform), tmp_path / "both")
+    assert figure.name == "accuracy_ag_news_m_c100_e1_n2000_v500.png"
     # per seed, seeds in order, under the cell's own title
     assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
     assert "| mlc | 0,1 | 40, 41 | 5.0, 12.5 | 80.0, 80.0 | 90.0, 90.0 | -, - | 84.00, 86.00 |" in text
