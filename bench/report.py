@@ -390,7 +390,8 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
                     title_fontsize=7)  # fmt: skip
         figure.tight_layout()
         # every field of the group in the name, so no two figures overwrite each other
-        path = figures / f"accuracy_{corpus}_{model}_c{clean}_e{epochs:g}_n{rows}_v{validation}.png"
+        name = f"accuracy_{corpus}_{model}_c{clean}_e{epochs:g}_n{rows}_v{validation}".replace("/", "--")
+        path = figures / f"{name}.png"  # a model given as a Hub id or a path keeps no slash in the file name
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)
