@@ -41,7 +41,8 @@ def row_value(row: dict, name: str):
     return row.get(name, LEGACY_DEFAULTS.get(name))
 
 
-def _safe(text) -> str:
+def safe_name(text) -> str:
+    """`text` with every character a file name should not carry (a slash above all) made `_`."""
     return re.sub(r"[^A-Za-z0-9=.,_]", "_", str(text))
 
 
@@ -51,14 +52,14 @@ def run_folder_name(run: dict) -> str:
     short hash of the whole key, so two runs that differ in any key field (the number of rows, the model's folder)
     never share, and overwrite, a folder.
     """
-    model = _safe(str(run["model"]).rstrip("/").rsplit("/", 1)[-1])
+    model = safe_name(str(run["model"]).rstrip("/").rsplit("/", 1)[-1])
     name = f"{run['corpus']}-{model}-{run['noise_type']}-{run['noise_rate']}-c{run['num_clean_per_class']}"
     name += f"-n{run['max_train_samples']}-v{row_value(run, 'validation_size')}-L{run['max_length']}"
     name += f"-e{run['epochs']}-s{run['seed']}-{run['method']}"
     if run.get("meta_learning_rate") is not None:
         name += f"-mlr{run['meta_learning_rate']:g}"
     if run.get("mlc_settings"):
-        name += "-" + _safe(run["mlc_settings"])
+        name += "-" + safe_name(run["mlc_settings"])
     key = json.dumps([row_value(run, field) for field in KEY_FIELDS])
     return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 

@@ -154,7 +154,7 @@ def test_report_means_and_gap_share(tmp_path):
     assert figure.name == "accuracy_ag_news_m_c100_e1_n2000_v500.png"
     hub_model = [{**row, "model": "org/encoder"} for row in rows]
     (figure,) = report.plot(report.summarise(hub_model), tmp_path / "hub")
-    assert figure.parent == tmp_path / "hub" and figure.name == "accuracy_ag_news_org--encoder_c100_e1_n2000_v500.png"
+    assert figure.parent == tmp_path / "hub" and figure.name == "accuracy_ag_news_org_encoder_c100_e1_n2000_v500.png"
     # per seed, seeds in order, under the cell's own title
     assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
     assert "| mlc | 0,1 | 40, 41 | 5.0, 12.5 | 80.0, 80.0 | 90.0, 90.0 | -, - | 84.00, 86.00 |" in text
