@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--meta_learning_rates",
         nargs="+",
         type=float,
-        default=[3e-5, 1e-3],
-        help="MLC runs once per value (3e-5: the paper's default; a short budget may need more).",
+        default=[MLCTrainingArguments.meta_learning_rate],
+        help="MLC runs once per value (default: the package's default meta learning rate).",
     )
     parser.add_argument(
         "--mlc_settings",
@@ -174,6 +174,15 @@ def grid(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
+def uses_mlc_defaults(run: dict) -> bool:
+    """Whether an MLC run used the package's defaults: no `--mlc_settings`, the default meta learning rate."""
+    return (
+        run["method"] == "mlc"
+        and not run.get("mlc_settings")
+        and run.get("meta_learning_rate") == MLCTrainingArguments.meta_learning_rate
+    )
+
+
 def run_key(row: dict) -> tuple:
     return tuple(row_value(row, name) for name in KEY_FIELDS)
 
@@ -206,7 +215,7 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "max_length": run["max_length"],
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "meta_learning_rate": run.get("meta_learning_rate", 3e-5),
+        "meta_learning_rate": run.get("meta_learning_rate", MLCTrainingArguments.meta_learning_rate),
         **(args.mlc_settings if run.get("mlc_settings") else {}),
         "output_dir": output_dir,
         "overwrite_output_dir": True,
@@ -243,6 +252,7 @@ def one_run(run: dict, args: argparse.Namespace, runs_dir: str) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
         "train_runtime_s": results["metrics"].get("train", {}).get("train_runtime"),
         "meta_learning_rate": run.get("meta_learning_rate"),
+        "mlc_defaults": uses_mlc_defaults(run),
         "rows": results.get("rows"),
         "code_version": args.code_version,
         "device": args.device,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
+
 __all__ = [
     "MLCTrainingArguments",
     "ModelArguments",
@@ -13,10 +15,12 @@ __all__ = [
     "NoiseArguments",
     "METHODS",
     "META_GRADIENTS",
+    "META_SPLITS",
 ]
 
-METHODS = ("mlc", "finetune", "clean_only", "glc", "l2rw", "finetune_clean_batch", "oracle")
-META_GRADIENTS = ("jvp", "reference")
+METHODS = ("mlc", "finetune", "clean_only", "finetune_then_clean", "glc", "l2rw", "finetune_clean_batch", "oracle")
+META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
+META_SPLITS = ("none", "batch", "rows")
 
 
 @dataclass
@@ -27,8 +31,11 @@ class MLCTrainingArguments(TrainingArguments):
 
     Parameters:
         method (`str`, *optional*, defaults to `"mlc"`):
-            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `glc`, `l2rw`,
-            `finetune_clean_batch`, `oracle`.
+            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `finetune_then_clean`, `glc`,
+            `l2rw`, `finetune_clean_batch`, `oracle`.
+        clean_stage_epochs (`float`, *optional*, defaults to `10.0`):
+            With `finetune_then_clean`: epochs over the clean rows in its second stage (a fresh optimizer and
+            schedule at `learning_rate`), after the first stage's budget on the noisy and clean rows.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
         meta_learning_rate (`float`, *optional*, defaults to `3e-5`):
@@ -42,13 +49,24 @@ class MLCTrainingArguments(TrainingArguments):
         gradient_steps (`int`, *optional*, defaults to `1`):
             The paper's k-step look-ahead: the meta-gradient is accumulated with a discount factor over this many
             main-net steps before the corrector's optimizer steps.
-        skip_connection (`bool`, *optional*, defaults to `False`):
-            Corrected label = (1 - s) * g + s * onehot(noisy label), with the mixing weight s learned.
+        skip_connection (`str`, *optional*, defaults to `"none"`):
+            Corrected label = (1 - s) * g + s * onehot(noisy label), with the mixing weight s learned: `"none"`,
+            `"global"` (one s for every row) or `"per_example"` (s from an extra output unit of the corrector, per
+            row). `true` / `false` mean `"global"` / `"none"`.
+        skip_init (`float`, *optional*, defaults to `0.0`):
+            Starting logit of s (0: s = 0.5).
         skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Learning rate of the skip connection's weight alone (its logit); `None` uses `meta_learning_rate`. Adam
-            moves the logit by about one learning rate per step whatever the gradient's size, so at the meta learning
-            rates that suit the corrector s can travel only `steps * lr` in logit space (0.04 over 125 steps at
-            3e-4): a short run keeps it at its starting 0.5. Needs `skip_connection`.
+            Learning rate of the global skip weight alone (its logit); `None` uses `meta_learning_rate`. Adam moves
+            the logit by about one learning rate per step whatever the gradient's size, so at the learning rates that
+            suit the corrector a global s barely leaves its start in a short run. Needs `skip_connection="global"`.
+        meta_split (`str`, *optional*, defaults to `"none"`):
+            Which trusted rows the meta objective (the clean loss at w') is computed on. `"none"`: the clean batch that
+            also enters the main loss (so the main net has trained on those rows). `"batch"`: each clean batch is cut
+            in half, one half in the main loss and the other for the meta objective (the authors' `hmlc_K_mix`).
+            `"rows"`: a fixed, class-stratified share `meta_split_fraction` of the trusted rows is kept for the meta
+            objective alone and never trained on, so the clean loss at w' measures how the step generalises.
+        meta_split_fraction (`float`, *optional*, defaults to `0.5`):
+            With `meta_split="rows"`: the share of each class's trusted rows kept for the meta objective.
         clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Rows per clean (trusted) batch on each process; `None` uses `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
@@ -66,13 +84,18 @@ class MLCTrainingArguments(TrainingArguments):
             Scale the corrector's learning rate by the main learning-rate schedule (warm-up, decay). The
             meta-gradient shrinks with the main learning rate, and Adam would otherwise undo that.
         meta_gradient (`str`, *optional*, defaults to `"jvp"`):
-            How the meta-gradient is computed: `"jvp"` (one forward-mode pass, no double backward; exact) or
-            `"reference"` (the paper's double backward through the virtual step; the test oracle).
+            How the meta-gradient is computed: `"jvp"` (one forward-mode pass, no double backward; exact), `"fd"` (the
+            same directional derivative by a forward difference: one more plain forward of the noisy batch),
+            `"fd_central"` (central difference: two forwards) or `"reference"` (the paper's double backward through
+            the virtual step; the test oracle).
     """
 
     method: str = field(
         default="mlc",
         metadata={"help": f"Training method, one of {', '.join(METHODS)}."},
+    )
+    clean_stage_epochs: float = field(
+        default=10.0, metadata={"help": "finetune_then_clean: epochs over the clean rows in the second stage."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
@@ -86,12 +109,24 @@ class MLCTrainingArguments(TrainingArguments):
     gradient_steps: int = field(
         default=1, metadata={"help": "k-step look-ahead: main-net steps per corrector step, with discounting."}
     )
-    skip_connection: bool = field(
-        default=False, metadata={"help": "Mix the corrected label with the one-hot noisy label by a learned weight."}
+    skip_connection: str = field(
+        default="none",
+        metadata={
+            "help": f"Anchor the corrected label to the given one by a learned weight: {', '.join(SKIP_CONNECTIONS)}."
+        },
     )
+    skip_init: float = field(default=0.0, metadata={"help": "Starting logit of the skip weight (0: 0.5)."})
     skip_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the skip connection's weight alone (None: meta_learning_rate)."},
+        metadata={"help": "Learning rate of the global skip weight alone (None: meta_learning_rate)."},
+    )
+    meta_split: str = field(
+        default="none",
+        metadata={"help": f"Trusted rows of the meta objective, one of {', '.join(META_SPLITS)}."},
+    )
+    meta_split_fraction: float = field(
+        default=0.5,
+        metadata={"help": "With meta_split=rows: share of each class's trusted rows for the meta objective."},
     )
     clean_batch_size: int | None = field(
         default=None, metadata={"help": "Clean rows per batch and process; defaults to the training batch size."}
@@ -122,12 +157,25 @@ class MLCTrainingArguments(TrainingArguments):
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.meta_gradient not in META_GRADIENTS:
             raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {self.meta_gradient!r}")
+        if not self.clean_stage_epochs > 0:
+            raise ValueError(f"clean_stage_epochs must be > 0, got {self.clean_stage_epochs}")
         if not self.meta_learning_rate > 0:
             raise ValueError(f"meta_learning_rate must be > 0, got {self.meta_learning_rate}")
+        self.skip_connection = normalise_skip_connection(self.skip_connection)
+        if self.meta_split not in META_SPLITS:
+            raise ValueError(f"meta_split must be one of {', '.join(META_SPLITS)}, got {self.meta_split!r}")
+        if not 0.0 < self.meta_split_fraction < 1.0:
+            raise ValueError(f"meta_split_fraction must be in (0, 1), got {self.meta_split_fraction}")
+        if self.meta_split != "none" and self.gradient_steps > 1:
+            raise ValueError(
+                f"gradient_steps={self.gradient_steps} needs meta_split='none' (the look-ahead discount reads the "
+                f"meta batch's gradient at w, which meta_split={self.meta_split!r} does not compute)"
+            )
         if self.skip_learning_rate is not None:
-            if not self.skip_connection:
+            if self.skip_connection != "global":
                 raise ValueError(
-                    f"skip_learning_rate={self.skip_learning_rate} needs skip_connection=True (there is no skip weight)"
+                    f"skip_learning_rate={self.skip_learning_rate} needs skip_connection='global', got "
+                    f"{self.skip_connection!r} (only the global skip weight has a learning rate of its own)"
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
@@ -234,13 +282,14 @@ class NoiseArguments:
     Simulated label noise applied to the noisy training rows.
 
     Parameters:
-        noise_type (`str`, defaults to `"uniform"`): `uniform`, `flip`, `matrix` or `none`.
+        noise_type (`str`, defaults to `"uniform"`): `uniform`, `flip`, `matrix`, `instance` (wrong labels on the rows
+            a weak bag-of-words model finds most ambiguous, towards the class it confuses them with) or `none`.
         noise_rate (`float`, defaults to `0.4`): Corruption rate r in [0, 1].
         noise_matrix (`str` or `None`): With `matrix`: a JSON file or inline JSON list of K rows of K floats.
         noise_seed (`int`, defaults to `0`): Seed of the corruption.
     """
 
-    noise_type: str = field(default="uniform", metadata={"help": "uniform, flip, matrix or none."})
+    noise_type: str = field(default="uniform", metadata={"help": "uniform, flip, matrix, instance or none."})
     noise_rate: float = field(default=0.4, metadata={"help": "Corruption rate in [0, 1]."})
     noise_matrix: str | None = field(
         default=None, metadata={"help": "K x K transition matrix (JSON file or inline JSON) for noise_type=matrix."}

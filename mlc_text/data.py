@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
+from .instance_noise import instance_dependent_noise
 from .noise import NOISE_TYPES, build_transition_matrix, corrupt, load_matrix, noise_report
 
 if TYPE_CHECKING:
@@ -535,7 +536,8 @@ def add_label_noise(
 
     Args:
         noisy_dataset (`Dataset`): Rows whose `label` holds the true labels.
-        noise_type (`str`): `uniform`, `flip`, `matrix` or `none` (see [`~noise.build_transition_matrix`]).
+        noise_type (`str`): `uniform`, `flip`, `matrix` or `none` (see [`~noise.build_transition_matrix`]), or
+            `instance` (see [`~instance_noise.instance_dependent_noise`]; needs a `text` column).
         noise_rate (`float`): Noise rate in [0, 1].
         num_classes (`int`): Number of classes K.
         seed (`int`): Seed of the flip targets and (through its own stream) of the corruption.
@@ -549,11 +551,22 @@ def add_label_noise(
     """
     if "true_label" in noisy_dataset.column_names:
         raise ValueError("noisy_dataset already has a true_label column: its labels were corrupted before")
-    transition = build_transition_matrix(noise_type, noise_rate, num_classes, seed, matrix)
     true = _int_column(noisy_dataset, "label")
-    noisy = true.copy() if noise_type == "none" else corrupt(true, transition, _stream_seed(seed, "corrupt"))
+    if noise_type == "instance":
+        if "text" not in noisy_dataset.column_names:
+            raise ValueError("noise_type='instance' needs the rows' text (a `text` column) to fit its weak model")
+        noisy = instance_dependent_noise(noisy_dataset["text"], true, num_classes, noise_rate, seed)
+        transition = None
+    else:
+        transition = build_transition_matrix(noise_type, noise_rate, num_classes, seed, matrix)
+        noisy = true.copy() if noise_type == "none" else corrupt(true, transition, _stream_seed(seed, "corrupt"))
     dataset = _relabel(noisy_dataset.rename_column("label", "true_label"), noisy, true)
-    report = {"type": noise_type, "rate": noise_rate, "seed": seed, "transition_matrix": transition.tolist()}
+    report = {
+        "type": noise_type,
+        "rate": noise_rate,
+        "seed": seed,
+        "transition_matrix": None if transition is None else transition.tolist(),
+    }
     return dataset, {**report, **noise_report(true, noisy, num_classes, transition)}
 
 
@@ -680,7 +693,9 @@ def _check_noise_arguments(noise_args: NoiseArguments, num_classes: int | None) 
     if noise_type != "matrix" and noise_args.noise_matrix is not None:
         raise ValueError(f"noise_matrix is only used with noise_type='matrix', got noise_type={noise_type!r}")
     matrix = load_matrix(noise_args.noise_matrix) if noise_args.noise_matrix is not None else None
-    if num_classes is not None:
+    if noise_type == "instance" and rate >= 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1) for noise_type='instance', got {rate!r}")
+    if num_classes is not None and noise_type != "instance":
         build_transition_matrix(noise_type, rate, num_classes, noise_args.noise_seed, matrix)
     return matrix
 

@@ -16,8 +16,11 @@ Two ways to compute it, selected by `meta_gradient`:
   dL'/dw = (1/n) sum_i J_i^T (softmax(z_i) - t_i), where J_i = dz_i/dw is the Jacobian of row i's logits. Only t
   depends on a, so the meta-gradient is the vector-Jacobian product of t(a) with upstream (1/n) J_i v, v = L * g':
   one forward-mode pass (`torch.func.jvp`) of the noisy batch along v. No graph of the first backward is kept.
+* `"fd"` / `"fd_central"`: the same J v by a finite difference of the noisy batch's logits along v, from one plain
+  forward at w + h v (the logits at w are the main pass's) or two at w +- h v, with the main pass's dropout masks
+  ([`logits_finite_difference`]). Not exact: its error is tested against `"jvp"`.
 
-Both are exact; they differ only in cost. The k-step look-ahead of the paper adds a discounted earlier
+`"jvp"` and `"reference"` are exact; they differ only in cost. The k-step look-ahead of the paper adds a discounted earlier
 meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`LookaheadBuffer`].
 """
 
@@ -46,6 +49,8 @@ __all__ = [
     "virtual_step",
     "loss_and_grads",
     "logits_jvp",
+    "logits_finite_difference",
+    "finite_difference_step",
     "discount_factor",
     "LookaheadBuffer",
     "MetaBatch",
@@ -59,6 +64,7 @@ __all__ = [
 ParamDict = dict[str, torch.Tensor]
 Reduce = Callable[[list[torch.Tensor]], None]
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -340,6 +346,57 @@ def logits_jvp(
     return (logits, tangent_out * norm) if return_logits else tangent_out * norm
 
 
+def finite_difference_step(params: dict[str, torch.Tensor], dtype: torch.dtype, central: bool = False) -> float:
+    """
+    The length h of the finite-difference step along the unit direction: `eps ** (1/2)` (forward) or `eps ** (1/3)`
+    (central) of the logits' dtype, times `1 + rms(w)`, the root mean square of the weights: the textbook balance of
+    rounding (which grows as h shrinks) against curvature (which grows with h) for weights of that size.
+    """
+    eps = torch.finfo(dtype).eps
+    total = sum(param.detach().float().square().sum() for param in params.values())
+    count = sum(param.numel() for param in params.values())
+    rms = torch.sqrt(total / max(count, 1)).item()
+    return eps ** (1 / 3 if central else 1 / 2) * (1.0 + rms)
+
+
+def logits_finite_difference(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    tangents: ParamDict,
+    logits: torch.Tensor | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    central: bool = False,
+    rng_state: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """
+    Directional derivative of the batch's logits along `tangents`, (dz/dw) v, by a finite difference: forward
+    `(z(w + h u) - z(w)) / h * |v|` with `logits` = z(w) already computed, or central `(z(w + h u) - z(w - h u)) / 2h
+    * |v|`, u = v / |v| and h from [`finite_difference_step`]. Each forward runs without a graph, with the RNG state
+    `rng_state` (the one the logits at w were computed with, so that dropout draws the same masks), and writes no
+    parameter: the shifted weights are a copy, read through `functional_call`.
+    """
+    names = list(params)
+    norm = torch.sqrt(sum(tangents[name].float().square().sum() for name in names))
+    if logits is None and not central:
+        raise ValueError("the forward difference needs the logits at w (pass logits, or central=True)")
+    logits_dtype = logits.dtype if logits is not None else next(iter(params.values())).dtype
+    step = finite_difference_step(params, logits_dtype, central)
+    scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # a zero tangent gives a zero product
+
+    def logits_at(sign: float) -> torch.Tensor:
+        shifted = {
+            name: params[name].detach() + (sign * scale) * tangents[name].to(params[name].dtype) for name in names
+        }
+        rng = _replay_rng(rng_state) if rng_state is not None else contextlib.nullcontext()
+        with torch.no_grad(), rng, autocast():
+            return _upcast(functional_call(model, shifted, args=(), kwargs=inputs).logits)
+
+    if central:
+        return (logits_at(1.0) - logits_at(-1.0)) * (norm / (2 * step))
+    return (logits_at(1.0) - _upcast(logits.detach())) * (norm / step)
+
+
 def discount_factor(clean_grads: ParamDict, clean_grads_virtual: ParamDict, virtual_lr: dict) -> torch.Tensor:
     """
     The k-step look-ahead discount gamma = <(I - L H) g', g> / |g|^2 with the Hessian H taken as the identity,
@@ -401,12 +458,25 @@ class LookaheadBuffer:
 
 @dataclass
 class MetaBatch:
-    """A noisy batch (model inputs and given labels) and a clean batch (inputs and true labels)."""
+    """
+    A noisy batch (model inputs and given labels) and a clean batch (inputs and true labels). The meta objective is
+    the clean batch's loss at w' unless a separate meta batch (`meta_inputs`, `meta_labels`: trusted rows kept out of
+    the main loss) is given.
+    """
 
     noisy_inputs: dict[str, torch.Tensor]
     noisy_labels: torch.Tensor
     clean_inputs: dict[str, torch.Tensor]
     clean_labels: torch.Tensor
+    meta_inputs: dict[str, torch.Tensor] | None = None
+    meta_labels: torch.Tensor | None = None
+
+    @property
+    def objective(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The rows of the meta objective: `(inputs, true labels)`."""
+        if self.meta_inputs is None:
+            return self.clean_inputs, self.clean_labels
+        return self.meta_inputs, self.meta_labels
 
 
 @dataclass
@@ -462,6 +532,7 @@ class _MainPass:
     clean_grads: ParamDict | None
     corrected: torch.Tensor
     noisy_weight: float
+    noisy_logits: torch.Tensor  # detached
 
 
 def _main_loss_and_grads(
@@ -507,7 +578,9 @@ def _main_loss_and_grads(
                     grad.add_(clean_grads[name], alpha=1 - noisy_weight)
         if not need_clean_grads:
             clean_grads = None  # only the look-ahead discount reads them: free them now
-    return _MainPass(params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight)
+    return _MainPass(
+        params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight, noisy_logits.detach()
+    )
 
 
 def corrected_label_step(
@@ -559,7 +632,8 @@ def meta_step(
         head: the module whose input holds the features the corrector reads.
         batch: the noisy and clean batches.
         optimizer: the main optimizer, whose update the virtual step reproduces.
-        meta_gradient: `"jvp"` (fast, exact) or `"reference"` (double backward, the paper's kernel).
+        meta_gradient: `"jvp"` (forward mode, exact), `"fd"` / `"fd_central"` (finite differences of the noisy
+            logits) or `"reference"` (double backward, the paper's kernel).
         clean_in_main_loss: whether the clean batch also enters the main loss with its true labels.
         lookahead: the k-step buffer; when it holds an earlier meta-gradient the discount gamma is computed.
         reduce: averages a list of tensors across processes in place (DDP); `None` on one process.
@@ -572,8 +646,10 @@ def meta_step(
         keep_clean_pass: return the clean loss and gradient at w' as `clean_pass` (costs one parameter-sized copy,
             kept until the caller drops it).
     """
-    if meta_gradient not in ("jvp", "reference"):
-        raise ValueError(f"meta_gradient must be 'jvp' or 'reference', got {meta_gradient!r}")
+    if meta_gradient not in META_GRADIENTS:
+        raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {meta_gradient!r}")
+    if keep_clean_pass and batch.meta_inputs is not None:
+        raise ValueError("keep_clean_pass needs the meta objective on the clean batch itself (no separate meta batch)")
     reference = meta_gradient == "reference"
     need_discount = lookahead is not None and lookahead.needs_discount
     rng_before_noisy = _rng_state(batch.noisy_labels.device)
@@ -586,12 +662,13 @@ def meta_step(
     _reduce_dict(reduce, clean_grads)
 
     virtual_params, virtual_lr = virtual_step(params, main_grads, optimizer, max_grad_norm)
+    meta_inputs, meta_labels = batch.objective
     clean_loss, clean_grads_virtual = loss_and_grads(
-        model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast
+        model, meta_inputs, meta_labels, params=virtual_params, autocast=autocast
     )
     del virtual_params  # w' is needed for the clean pass only; free it before the meta-gradient's pass
     _reduce_dict(reduce, clean_grads_virtual)
-    clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(batch.clean_labels)) if keep_clean_pass else None
+    clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(meta_labels)) if keep_clean_pass else None
     # v = L * g' and, with the look-ahead, gamma's terms, reading each parameter's L once (for Adam it is computed
     # when read). Unless the clean pass is kept, g' is read nowhere else: scale it in place instead of copying it.
     direction, numerator, norm_sq = {}, 0.0, 0.0
@@ -610,10 +687,23 @@ def meta_step(
         proxy = -sum((main.noisy_grads[name] * direction[name]).sum() for name in params)
         meta_grads = torch.autograd.grad(proxy, meta_params, allow_unused=True)
     else:
-        with _replay_rng(rng_before_noisy):
-            directional = logits_jvp(
-                model, params, batch.noisy_inputs, direction, autocast=autocast, overwrite_tangents=True
+        if meta_gradient == "jvp":
+            with _replay_rng(rng_before_noisy):
+                directional = logits_jvp(
+                    model, params, batch.noisy_inputs, direction, autocast=autocast, overwrite_tangents=True
+                )
+        else:
+            directional = logits_finite_difference(
+                model,
+                params,
+                batch.noisy_inputs,
+                direction,
+                main.noisy_logits,
+                autocast=autocast,
+                central=meta_gradient == "fd_central",
+                rng_state=rng_before_noisy,
             )
+        del direction
         upstream = (main.noisy_weight / len(batch.noisy_labels)) * directional.to(corrected.dtype)
         meta_grads = torch.autograd.grad(corrected, meta_params, grad_outputs=upstream, allow_unused=True)
     meta_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, meta_grads)]

@@ -17,6 +17,8 @@ __all__ = [
     "feature_size_of",
     "capture_head_features",
     "CORRECTOR_WEIGHTS_NAME",
+    "SKIP_CONNECTIONS",
+    "normalise_skip_connection",
 ]
 
 CORRECTOR_WEIGHTS_NAME = "label_corrector.pt"
@@ -24,6 +26,22 @@ CORRECTOR_WEIGHTS_NAME = "label_corrector.pt"
 # Attribute names of the classification head, in the order they are tried. DistilBERT's head starts at
 # `pre_classifier`; BERT, MiniLM, ELECTRA, RoBERTa and DeBERTa name it `classifier`.
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier")
+
+# How the corrected label is anchored to the given one: not at all, by one learned weight for every row, or by a
+# weight per row (one extra output unit, as the authors' `--skip`).
+SKIP_CONNECTIONS = ("none", "global", "per_example")
+
+
+def normalise_skip_connection(value: str | bool) -> str:
+    """`skip_connection` as one of [`SKIP_CONNECTIONS`]; `True` / `False` (and their text) mean `global` / `none`."""
+    aliases = {True: "global", False: "none", "true": "global", "false": "none"}
+    key = value.lower() if isinstance(value, str) else value
+    value = aliases.get(key, key)
+    if value not in SKIP_CONNECTIONS:
+        raise ValueError(
+            f"skip_connection must be one of {', '.join(SKIP_CONNECTIONS)} (or true / false), got {value!r}"
+        )
+    return value
 
 
 class LabelCorrector(nn.Module):
@@ -35,8 +53,12 @@ class LabelCorrector(nn.Module):
         feature_size (`int`): Size of the main net's features at its head's input.
         hidden_size (`int`, defaults to 128): Width of the two hidden layers.
         label_embedding_size (`int`, defaults to 128): Size of the noisy-label embedding (the paper's `cls_dim`).
-        skip_connection (`bool`, defaults to `False`): Mix the output with the one-hot noisy label,
-            `(1 - s) * g + s * onehot(y~)`, with `s = sigmoid(skip_logit)` learned.
+        skip_connection (`str`, defaults to `"none"`): Mix the output with the one-hot noisy label,
+            `(1 - s) * g + s * onehot(y~)`: `"global"`, one learned `s = sigmoid(skip_logit)` for every row;
+            `"per_example"`, `s` = the sigmoid of an extra output unit of the MLP, so that the corrector can trust
+            the given label of one row and replace that of another. `True` / `False` mean `"global"` / `"none"`.
+        skip_init (`float`, defaults to 0.0): Starting logit of `s` (the extra unit's bias for `"per_example"`);
+            0 trusts the given label half-way, 2 about 0.88.
     """
 
     def __init__(
@@ -45,7 +67,8 @@ class LabelCorrector(nn.Module):
         feature_size: int,
         hidden_size: int = 128,
         label_embedding_size: int = 128,
-        skip_connection: bool = False,
+        skip_connection: str | bool = "none",
+        skip_init: float = 0.0,
     ):
         super().__init__()
         if num_labels < 2:
@@ -55,8 +78,10 @@ class LabelCorrector(nn.Module):
             "feature_size": feature_size,
             "hidden_size": hidden_size,
             "label_embedding_size": label_embedding_size,
-            "skip_connection": skip_connection,
+            "skip_connection": normalise_skip_connection(skip_connection),
+            "skip_init": float(skip_init),
         }
+        self.skip_connection = self.config["skip_connection"]
         self.num_labels = num_labels
         self.label_embedding = nn.Embedding(num_labels, label_embedding_size)
         self.mlp = nn.Sequential(
@@ -64,11 +89,14 @@ class LabelCorrector(nn.Module):
             nn.Tanh(),
             nn.Linear(hidden_size, hidden_size),
             nn.Tanh(),
-            nn.Linear(hidden_size, num_labels),
+            nn.Linear(hidden_size, num_labels + (self.skip_connection == "per_example")),
         )
-        # Start by trusting the noisy label half-way; sigmoid(0) = 0.5.
-        self.skip_logit = nn.Parameter(torch.zeros(())) if skip_connection else None
+        global_skip = self.skip_connection == "global"
+        self.skip_logit = nn.Parameter(torch.full((), float(skip_init))) if global_skip else None
         self._init_weights()
+        if self.skip_connection == "per_example":
+            nn.init.constant_(self.mlp[-1].bias[-1], float(skip_init))
+        self.last_skip_weight: torch.Tensor | None = None  # mean s of the last call, for logging
 
     def _init_weights(self) -> None:
         for module in self.mlp:
@@ -92,12 +120,16 @@ class LabelCorrector(nn.Module):
         # Softmax in float32 at least (bf16 / fp16 autocast), in float64 when the corrector is float64.
         logits = self.mlp(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        corrected = torch.softmax(logits, dim=-1)
-        if self.skip_logit is not None:
+        corrected = torch.softmax(logits[:, : self.num_labels], dim=-1)
+        if self.skip_connection == "none":
+            return corrected
+        if self.skip_connection == "global":
             mix = torch.sigmoid(self.skip_logit.to(corrected.dtype))
-            onehot = nn.functional.one_hot(noisy_labels, self.num_labels).to(corrected.dtype)
-            corrected = (1 - mix) * corrected + mix * onehot
-        return corrected
+        else:
+            mix = torch.sigmoid(logits[:, self.num_labels :])
+        self.last_skip_weight = mix.detach().mean()
+        onehot = nn.functional.one_hot(noisy_labels, self.num_labels).to(corrected.dtype)
+        return (1 - mix) * corrected + mix * onehot
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Saves config and weights as one file, `label_corrector.pt`, in `save_directory`."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CLASS_CONDITIONAL",
     "NOISE_TYPES",
     "build_transition_matrix",
     "confusion_counts",
@@ -26,7 +27,9 @@ __all__ = [
     "validate_transition_matrix",
 ]
 
-NOISE_TYPES = ("uniform", "flip", "matrix", "none")
+NOISE_TYPES = ("uniform", "flip", "matrix", "instance", "none")
+# Noise types drawn row by row from a transition matrix (`instance` depends on the text: see instance_noise.py).
+CLASS_CONDITIONAL = ("uniform", "flip", "matrix", "none")
 
 
 def _check_num_classes(num_classes: int, minimum: int = 1) -> None:
@@ -166,8 +169,10 @@ def build_transition_matrix(
     Returns:
         `np.ndarray`: A validated K x K row-stochastic matrix.
     """
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}")
+    if noise_type == "instance":
+        raise ValueError("noise_type='instance' depends on each row's text and has no transition matrix")
+    if noise_type not in CLASS_CONDITIONAL:
+        raise ValueError(f"noise_type must be one of {', '.join(CLASS_CONDITIONAL)}, got {noise_type!r}")
     _check_rate(rate)
     _check_num_classes(num_classes)
     if noise_type != "matrix" and matrix is not None:

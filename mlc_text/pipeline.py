@@ -227,12 +227,42 @@ def build_trainer(method: str, model_factory, corpus: NoisyCorpus, tokenizer, tr
             train_dataset=datasets.concatenate_datasets([true, clean]),
             **common,
         )
+    if method == "finetune_then_clean":
+        return _finetune_then_clean_trainer(model_factory, noisy, clean, training_args, common)
     if method == "clean_only":
         args = _with(training_args, max_steps=_budget_steps(len(corpus.train) + len(clean), training_args))
         return FinetuneTrainer(model=model_factory(), args=args, train_dataset=clean, **common)
     if method == "glc":
         return _glc_trainer(model_factory, noisy, clean, corpus.num_labels, training_args, common)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _finetune_then_clean_trainer(model_factory, noisy, clean, training_args, common):
+    """
+    Continuous fine-tuning: the first stage (plain fine-tuning on noisy + clean rows, `finetune`'s budget) runs here;
+    the returned trainer is the second stage, `clean_stage_epochs` over the clean rows on the same model.
+    """
+    stage_one_args = _with(
+        training_args,
+        output_dir=os.path.join(training_args.output_dir, "noisy_stage"),
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        report_to=[],
+    )
+    stage_one = FinetuneTrainer(
+        model=model_factory(),
+        args=stage_one_args,
+        train_dataset=datasets.concatenate_datasets([noisy, clean]),
+        **common,
+    )
+    logger.info("finetune_then_clean stage 1: fine-tuning on the noisy and clean rows")
+    stage_one.train()
+    model = stage_one.model
+    del stage_one
+    stage_two_args = _with(training_args, num_train_epochs=training_args.clean_stage_epochs, max_steps=-1)
+    logger.info(f"finetune_then_clean stage 2: {training_args.clean_stage_epochs:g} epochs on the clean rows")
+    return FinetuneTrainer(model=model, args=stage_two_args, train_dataset=clean, **common)
 
 
 def _glc_trainer(model_factory, noisy, clean, num_labels: int, training_args, common):
@@ -405,7 +435,9 @@ def _push(trainer, training_args: MLCTrainingArguments) -> None:
         api = HfApi(token=training_args.hub_token)
         api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
         api.upload_folder(
-            repo_id=repo_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*", "runs/*", "glc_*"]
+            repo_id=repo_id,
+            folder_path=training_args.output_dir,
+            ignore_patterns=["checkpoint-*", "runs/*", "glc_*", "noisy_stage"],
         )
     except Exception as error:
         raise RuntimeError(

@@ -74,6 +74,10 @@ METHOD_DESCRIPTIONS = {
         "Fine-tuning on the noisy rows with their given labels, with a clean batch beside each noisy batch weighted "
         "as MLC weights it: MLC without its label corrector."
     ),
+    "finetune_then_clean": (
+        "Continuous fine-tuning (Zhu et al., ACL 2023): plain fine-tuning on the noisy and clean rows, then "
+        "fine-tuning on the clean rows alone."
+    ),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -29,7 +29,15 @@ from .meta_grad import (
 from .meta_net import LabelCorrector, capture_head_features, feature_size_of, find_head_module
 from .metrics import correction_stats
 
-__all__ = ["CleanDataTrainer", "MLCTrainer", "MLC_STATE_NAME", "SUPPORTED_OPTIM_NAMES", "check_parallelism"]
+__all__ = [
+    "CleanDataTrainer",
+    "MLCTrainer",
+    "MLC_STATE_NAME",
+    "SUPPORTED_OPTIM_NAMES",
+    "check_parallelism",
+    "split_batch",
+    "split_meta_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,30 @@ class _CarriedCleanPass(NamedTuple):
 
     clean_pass: CleanPass
     for_step: int
+
+
+def split_batch(inputs: dict[str, torch.Tensor], rows: int, second: bool = False) -> dict[str, torch.Tensor]:
+    """The first `rows` rows of a collated batch, or (`second`) the rest."""
+    return {key: value[rows:] if second else value[:rows] for key, value in inputs.items()}
+
+
+def split_meta_rows(clean_dataset, num_labels: int, args: MLCTrainingArguments):
+    """
+    `(meta rows, main rows)`: a class-stratified share `args.meta_split_fraction` of the trusted rows (at least one
+    per class), seeded by `args.seed`, kept for the meta objective; the rest train the main net.
+    """
+    from .data import split_clean_noisy  # the package's one stratified split
+
+    column = "label" if "label" in clean_dataset.column_names else "labels"
+    meta, main = split_clean_noisy(
+        clean_dataset, num_labels, clean_fraction=args.meta_split_fraction, seed=args.seed, label_column=column
+    )
+    if len(main) == 0:
+        raise ValueError(
+            f"meta_split='rows' with meta_split_fraction={args.meta_split_fraction} leaves no trusted row for the main "
+            f"loss ({len(clean_dataset)} trusted rows): lower meta_split_fraction or use meta_split='batch'"
+        )
+    return meta, main
 
 
 def check_parallelism(args) -> None:
@@ -229,7 +261,11 @@ class MLCTrainer(CleanDataTrainer):
         **kwargs,
     ):
         self.head = self.head_module(model)  # before any work: a model without a known head fails here
+        meta_rows = None
+        if isinstance(args, MLCTrainingArguments) and args.meta_split == "rows" and clean_dataset is not None:
+            meta_rows, clean_dataset = split_meta_rows(clean_dataset, model.config.num_labels, args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
+        self.meta_batches = None if meta_rows is None else self._clean_stream(meta_rows, "meta", seed_offset=1)
         self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
             self._corrector_param_groups(),
@@ -242,6 +278,20 @@ class MLCTrainer(CleanDataTrainer):
         self._pending_gamma: torch.Tensor | float | None = None
         # See `reuse_clean_pass`.
         self._carried: _CarriedCleanPass | None = None
+
+    def _clean_stream(self, dataset, description: str, seed_offset: int) -> CleanBatchIterator:
+        dataset = self._remove_unused_columns(dataset, description=description)
+        batch_size = min(self.args.clean_batch_size, len(dataset) // self.args.world_size)
+        if batch_size < self.args.clean_batch_size:
+            logger.info(f"{description} batches of {batch_size} rows: the {len(dataset)} {description} rows are fewer")
+        return CleanBatchIterator(
+            dataset,
+            self.data_collator,
+            batch_size,
+            self.args.seed + seed_offset,
+            self.args.process_index,
+            self.args.world_size,
+        )
 
     # ----------------------------------------------------------------------------------------------- set-up hooks
     def head_module(self, model: nn.Module) -> nn.Module:
@@ -257,6 +307,7 @@ class MLCTrainer(CleanDataTrainer):
                 hidden_size=self.args.meta_hidden_size,
                 label_embedding_size=self.args.label_embedding_size,
                 skip_connection=self.args.skip_connection,
+                skip_init=self.args.skip_init,
             )
 
     def _corrector_param_groups(self) -> list[dict]:
@@ -280,7 +331,7 @@ class MLCTrainer(CleanDataTrainer):
         inputs = self._prepare_inputs(inputs)
         true_labels = inputs.pop("true_label", None)
         noisy_labels = inputs.pop("labels")
-        batch = MetaBatch(inputs, noisy_labels, *self.next_clean_batch())
+        batch = self._meta_batch(inputs, noisy_labels)
         unwrapped = self.accelerator.unwrap_model(model)
         common = {
             "clean_in_main_loss": self.args.clean_in_main_loss,
@@ -313,10 +364,27 @@ class MLCTrainer(CleanDataTrainer):
             self._meta_optimizer_step()
         return out.main_loss.to(self.args.device) / self.current_gradient_accumulation_steps
 
+    def _meta_batch(self, inputs: dict[str, torch.Tensor], noisy_labels: torch.Tensor) -> MetaBatch:
+        """The noisy batch with its clean batch and, under `meta_split`, the separate rows of the meta objective."""
+        clean_inputs, clean_labels = self.next_clean_batch()
+        if self.args.meta_split == "rows":
+            meta_inputs = self._prepare_inputs(next(self.meta_batches))
+            meta_inputs.pop("true_label", None)
+            return MetaBatch(inputs, noisy_labels, clean_inputs, clean_labels, meta_inputs, meta_inputs.pop("labels"))
+        if self.args.meta_split == "batch":
+            half = (len(clean_labels) + 1) // 2
+            main, meta = split_batch(clean_inputs, half), split_batch(clean_inputs, half, second=True)
+            return MetaBatch(inputs, noisy_labels, main, clean_labels[:half], meta, clean_labels[half:])
+        return MetaBatch(inputs, noisy_labels, clean_inputs, clean_labels)
+
     def _can_reuse_clean_pass(self) -> bool:
-        # The real step must apply exactly the virtual one: one micro-batch per optimizer step.
+        # The real step must apply exactly the virtual one: one micro-batch per optimizer step; and the meta
+        # objective must be the clean batch of the main loss.
         return (
-            self.args.reuse_clean_pass and self.args.clean_in_main_loss and self.args.gradient_accumulation_steps == 1
+            self.args.reuse_clean_pass
+            and self.args.clean_in_main_loss
+            and self.args.gradient_accumulation_steps == 1
+            and self.args.meta_split == "none"
         )
 
     def _take_carried_clean_pass(self) -> CleanPass | None:
@@ -403,12 +471,11 @@ class MLCTrainer(CleanDataTrainer):
             value = stats.get(key)
             if value is not None and not np.isnan(value):
                 metrics[key].append(float(value))
-        skip_logit = getattr(self.accelerator.unwrap_model(self.corrector), "skip_logit", None)
-        if skip_logit is not None:
-            # The weight s of the given label in s * onehot(y~) + (1 - s) * g: while s >= 0.5 the given label stays
-            # the argmax of every corrected label. On AG News in one epoch it stayed at 0.500 unless
-            # `skip_learning_rate` gave it a rate of its own (docs/RESULTS.md).
-            metrics["skip_weight"].append(torch.sigmoid(skip_logit.detach().float()).item())
+        skip_weight = self.corrector.last_skip_weight if isinstance(self.corrector, LabelCorrector) else None
+        if skip_weight is not None:
+            # The mean weight s of the given label in s * onehot(y~) + (1 - s) * g: while s >= 0.5 the given label
+            # stays the argmax of the corrected label.
+            metrics["skip_weight"].append(skip_weight.float().item())
 
     @torch.no_grad()
     def correct_labels(self, dataset) -> dict[str, np.ndarray]:
@@ -442,6 +509,7 @@ class MLCTrainer(CleanDataTrainer):
     def extra_state(self) -> dict[str, Any]:
         return {
             **super().extra_state(),
+            "meta_batches": None if self.meta_batches is None else self.meta_batches.state_dict(),
             "corrector": self.corrector.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "lookahead": self.lookahead.state_dict(),
@@ -459,6 +527,8 @@ class MLCTrainer(CleanDataTrainer):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
+        if self.meta_batches is not None:
+            self.meta_batches.load_state_dict(state["meta_batches"])
         self.corrector.load_state_dict(state["corrector"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.lookahead.load_state_dict(state["lookahead"])

@@ -449,7 +449,11 @@ def test_matrix_shape_is_checked_for_user_files(tmp_path):
         ({"corpus": None}, {}, "set corpus .* or train_file, got neither"),
         ({"train_file": "train.csv"}, {}, "train_file are for your own files, got them with corpus='ag_news'"),
         ({}, {"noise_rate": 1.3}, r"noise_rate must be in \[0, 1\], got 1.3"),
-        ({}, {"noise_type": "symmetric"}, "noise_type must be one of uniform, flip, matrix, none, got 'symmetric'"),
+        (
+            {},
+            {"noise_type": "symmetric"},
+            "noise_type must be one of uniform, flip, matrix, instance, none, got 'symmetric'",
+        ),
         ({}, {"noise_type": "matrix"}, "noise_type='matrix' needs noise_matrix"),
         ({}, {"noise_type": "matrix", "noise_matrix": "[[1, 0], [0, 1]]"}, r"must be 4 x 4, got shape \(2, 2\)"),
         (

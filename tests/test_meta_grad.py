@@ -63,7 +63,8 @@ def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> 
 def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_main_loss=True, clip=1.0):
     """
     d(clean loss at w'(a))/da is what the meta-gradient must equal: this is that loss as a function of `a`. `clip`:
-    a gradient-clipping factor, held constant as the virtual step holds it.
+    a gradient-clipping factor, held constant as the virtual step holds it. The loss at w' is on the batch's meta
+    rows when it has them, else on its clean rows.
     """
     params = trainable_parameters(model)
     head = find_head_module(model)
@@ -77,16 +78,42 @@ def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_m
         loss = (num_noisy * loss + num_clean * clean) / (num_noisy + num_clean)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     virtual_params, _ = virtual_step(params, {name: clip * grad for name, grad in grads.items()}, optimizer)
-    logits = torch.func.functional_call(model, virtual_params, args=(), kwargs=batch.clean_inputs).logits
-    return torch.nn.functional.cross_entropy(logits, batch.clean_labels)
+    meta_inputs = batch.clean_inputs if batch.meta_inputs is None else batch.meta_inputs
+    meta_labels = batch.clean_labels if batch.meta_labels is None else batch.meta_labels
+    logits = torch.func.functional_call(model, virtual_params, args=(), kwargs=meta_inputs).logits
+    return torch.nn.functional.cross_entropy(logits, meta_labels)
+
+
+def with_meta_rows(batch: MetaBatch, seed: int = 17) -> MetaBatch:
+    """The batch with 4 separate rows for the meta objective (as `meta_split` gives)."""
+    generator = torch.Generator().manual_seed(seed)
+    meta_labels = torch.randint(0, NUM_LABELS, (4,), generator=generator)
+    return MetaBatch(
+        batch.noisy_inputs,
+        batch.noisy_labels,
+        batch.clean_inputs,
+        batch.clean_labels,
+        random_inputs(4, seed=seed),
+        meta_labels,
+    )
 
 
 @pytest.mark.parametrize(
-    "optimizer_name,clean_in_main_loss,clipped",
-    [("sgd", True, False), ("sgd", False, False), ("sgd", True, True), ("sgd_dampened", False, True)],
+    "optimizer_name,clean_in_main_loss,clipped,skip_connection,meta_rows",
+    [
+        ("sgd", True, False, "none", False),
+        ("sgd", False, False, "none", False),
+        ("sgd", True, True, "none", False),
+        ("sgd_dampened", False, True, "none", False),
+        ("sgd", True, False, "per_example", False),
+        ("sgd", True, False, "none", True),
+        ("sgd", True, True, "per_example", True),
+    ],
 )
-def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss, clipped):
-    model, corrector, optimizer, batch = make_setup(optimizer_name)
+def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss, clipped, skip_connection, meta_rows):
+    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection)
+    if meta_rows:
+        batch = with_meta_rows(batch)
     head = find_head_module(model)
     max_grad_norm = None
     if clipped:  # a threshold well below the main gradient's norm, so that the virtual step clips
@@ -127,7 +154,7 @@ def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "sgd_dampened", "adamw"])
 @pytest.mark.parametrize("clean_in_main_loss", [True, False])
-@pytest.mark.parametrize("skip_connection", [False, True])
+@pytest.mark.parametrize("skip_connection", ["none", "global", "per_example"])
 def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection):
     model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection)
     head = find_head_module(model)
@@ -157,6 +184,85 @@ def test_jvp_matches_reference_float32_with_dropout(optimizer_name, attn_impleme
         torch.manual_seed(123)
         outputs[path] = meta_step(model, corrector, head, batch, optimizer, meta_gradient=path)
     assert relative_error(outputs["jvp"].meta_grads, outputs["reference"].meta_grads) < 1e-3
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("meta_rows", [False, True])
+def test_jvp_matches_reference_with_meta_rows(optimizer_name, meta_rows):
+    # The meta objective on rows the main loss never saw: both paths read the meta rows, not the clean batch.
+    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection="per_example")
+    batch = with_meta_rows(batch) if meta_rows else batch
+    head = find_head_module(model)
+    outputs = {
+        path: meta_step(model, corrector, head, batch, optimizer, meta_gradient=path) for path in ("reference", "jvp")
+    }
+    assert relative_error(outputs["jvp"].meta_grads, outputs["reference"].meta_grads) < 1e-5
+    expected = clean_loss_after_virtual_step(model, corrector, optimizer, batch)
+    torch.testing.assert_close(outputs["jvp"].clean_loss, expected.detach())
+
+
+def test_meta_rows_change_the_objective_but_not_the_main_gradient():
+    model, corrector, optimizer, batch = make_setup("adamw")
+    head = find_head_module(model)
+    plain = meta_step(model, corrector, head, batch, optimizer)
+    split = meta_step(model, corrector, head, with_meta_rows(batch), optimizer)
+    for name, grad in plain.main_grads.items():
+        torch.testing.assert_close(split.main_grads[name], grad)
+    assert relative_error(split.meta_grads, plain.meta_grads) > 1e-2
+    with pytest.raises(ValueError, match="keep_clean_pass"):
+        meta_step(model, corrector, head, with_meta_rows(batch), optimizer, keep_clean_pass=True)
+
+
+# Stated accuracy of the finite-difference meta-gradient against the exact one (relative error of the whole vector).
+FD_TOLERANCE = {
+    (torch.float64, "fd"): 1e-6,
+    (torch.float64, "fd_central"): 1e-7,
+    (torch.float32, "fd"): 5e-3,
+    (torch.float32, "fd_central"): 5e-4,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["fd", "fd_central"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_finite_difference_matches_jvp(dtype, path, optimizer_name):
+    # Dropout on in float32: the shifted forwards must draw the noisy forward's masks.
+    dropout = 0.1 if dtype == torch.float32 else 0.0
+    model, corrector, optimizer, batch = make_setup(optimizer_name, dtype=dtype, dropout=dropout)
+    head = find_head_module(model)
+    outputs = {}
+    for name in ("jvp", path):
+        torch.manual_seed(123)
+        outputs[name] = meta_step(model, corrector, head, batch, optimizer, meta_gradient=name)
+    error = relative_error(outputs[path].meta_grads, outputs["jvp"].meta_grads)
+    assert error < FD_TOLERANCE[(dtype, path)], error
+    for name, grad in outputs["jvp"].main_grads.items():
+        torch.testing.assert_close(outputs[path].main_grads[name], grad)
+
+
+def test_finite_difference_of_a_linear_map_is_exact():
+    # Logits linear in the weights: the forward difference has no curvature term, only rounding.
+    from mlc_text.meta_grad import logits_finite_difference
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return type("Out", (), {"logits": x @ self.weight.T})()
+
+    torch.manual_seed(0)
+    model, inputs = Linear(), {"x": torch.randn(4, 5, dtype=torch.float64)}
+    tangent = {"weight": torch.randn(3, 5, dtype=torch.float64)}
+    params = dict(model.named_parameters())
+    logits = model(**inputs).logits.detach()
+    expected = inputs["x"] @ tangent["weight"].T
+    for central in (False, True):
+        actual = logits_finite_difference(model, params, inputs, tangent, logits, central=central)
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-9)
+    zero = logits_finite_difference(model, params, inputs, {"weight": torch.zeros(3, 5, dtype=torch.float64)}, logits)
+    assert torch.equal(zero, torch.zeros_like(zero))
 
 
 def test_virtual_step_matches_real_optimizer_step():

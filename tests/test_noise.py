@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlc_text.noise import (
-    NOISE_TYPES,
+    CLASS_CONDITIONAL,
     build_transition_matrix,
     corrupt,
     flip_matrix,
@@ -57,7 +57,7 @@ def test_flip_matrix_needs_two_classes():
         flip_matrix(1, 0.2, seed=0)
 
 
-@pytest.mark.parametrize("noise_type", NOISE_TYPES)
+@pytest.mark.parametrize("noise_type", CLASS_CONDITIONAL)
 @pytest.mark.parametrize("rate", [0.2, 0.6])
 def test_realised_noise_matches_the_request(noise_type, rate):
     labels = balanced_labels()

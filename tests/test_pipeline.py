@@ -99,7 +99,7 @@ def test_arguments_from_a_json_file_keep_the_recipe_defaults(tmp_path):
     [
         (
             ("--method", "mwnet"),
-            "method must be one of mlc, finetune, clean_only, glc, l2rw, finetune_clean_batch, oracle, got 'mwnet'",
+            "method must be one of mlc, finetune, clean_only, finetune_then_clean, glc, l2rw, finetune_clean_batch, oracle, got 'mwnet'",
         ),
         (("--corpus", "yahoo"), "yahoo"),
         (("--method", "clean_only", "--num_clean_per_class", "0"), "method 'clean_only' needs clean rows"),

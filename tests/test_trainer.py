@@ -96,6 +96,16 @@ def test_skip_weight_is_logged_and_learned(tmp_path):
     assert weights[-1] != pytest.approx(0.5, abs=1e-3)  # it starts at 0.5; a large meta learning rate moves it
 
 
+def test_per_example_skip_weight_is_logged_and_starts_at_its_init(tmp_path):
+    trainer = make_trainer(tmp_path, skip_connection="per_example", skip_init=2.0, meta_learning_rate=0.05)
+    assert trainer.corrector.skip_logit is None
+    trainer.train()
+    weights = [entry["skip_weight"] for entry in trainer.state.log_history if "skip_weight" in entry]
+    assert len(weights) == 3
+    # the mean of per-row weights that start near sigmoid(2) = 0.88 and move with the meta-gradient
+    assert 0.5 < weights[0] < 1.0 and len(set(weights)) > 1
+
+
 def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
     # At the corrector's learning rate the skip weight barely leaves 0.5 in a few steps; its own larger rate moves it.
     runs = {}
@@ -115,7 +125,12 @@ def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"skip_learning_rate": 0.1}, "needs skip_connection=True"),
+        ({"skip_learning_rate": 0.1}, "needs skip_connection='global'"),
+        ({"skip_learning_rate": 0.1, "skip_connection": "per_example"}, "needs skip_connection='global'"),
+        ({"skip_connection": "sometimes"}, "skip_connection must be one of none, global, per_example"),
+        ({"meta_split": "folds"}, "meta_split must be one of none, batch, rows, got 'folds'"),
+        ({"meta_split": "rows", "meta_split_fraction": 1.0}, "meta_split_fraction must be in"),
+        ({"meta_split": "batch", "gradient_steps": 2}, "gradient_steps=2 needs meta_split='none'"),
         ({"skip_learning_rate": 0.0, "skip_connection": True}, "skip_learning_rate must be > 0"),
     ],
 )
@@ -184,14 +199,15 @@ def test_trainer_meta_gradient_matches_reference(tmp_path, optim, gradient_steps
         assert ((jvp - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_resume_reaches_the_same_parameters(tmp_path):
-    full = make_trainer(tmp_path / "full", max_steps=12)
+@pytest.mark.parametrize("settings", [{}, {"meta_split": "rows"}, {"meta_split": "batch", "meta_gradient": "fd"}])
+def test_resume_reaches_the_same_parameters(tmp_path, settings):
+    full = make_trainer(tmp_path / "full", max_steps=12, **settings)
     full.train()
-    first = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6)
+    first = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6, **settings)
     first.train()  # writes checkpoint-6 and checkpoint-12
     checkpoint = tmp_path / "resumed" / "checkpoint-6"
     assert (checkpoint / MLC_STATE_NAME).is_file() and (checkpoint / CORRECTOR_WEIGHTS_NAME).is_file()
-    resumed = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6)
+    resumed = make_trainer(tmp_path / "resumed", max_steps=12, save_strategy="steps", save_steps=6, **settings)
     with torch.no_grad():  # scramble both nets: only the checkpoint may bring them back
         for param in list(resumed.model.parameters()) + list(resumed.corrector.parameters()):
             param.add_(1.0)
@@ -245,7 +261,7 @@ def test_clean_set_missing_a_class_warns(tmp_path, caplog):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"meta_gradient": "hessian"}, "meta_gradient must be one of jvp, reference, got 'hessian'"),
+        ({"meta_gradient": "hessian"}, "meta_gradient must be one of jvp, fd, fd_central, reference, got 'hessian'"),
         ({"gradient_steps": 0}, "gradient_steps must be an integer >= 1, got 0"),
         ({"meta_update_interval": 0}, "meta_update_interval must be an integer >= 1, got 0"),
         ({"method": "coteaching"}, "method must be one of"),
@@ -300,12 +316,49 @@ class CountingTrainer(MLCTrainer):
         ({"reuse_clean_pass": False}, [1] * 6),
         ({"gradient_accumulation_steps": 2, "max_steps": 3}, [1] * 6),  # real step != one micro-batch's virtual step
         ({"meta_update_interval": 2}, [1, 0, 1, 0, 1, 0]),  # a corrected step leaves no clean pass at w'
+        ({"meta_split": "batch"}, [1] * 6),  # the meta half at w' is not the next step's clean term
+        ({"meta_split": "rows"}, [1] * 6),
     ],
 )
 def test_clean_pass_is_reused_only_when_exact(tmp_path, overrides, expected):
     trainer = make_trainer(tmp_path, trainer_class=CountingTrainer, **overrides)
     trainer.train()
     assert trainer.clean_passes_at_w == expected
+
+
+class RowRecordingTrainer(MLCTrainer):
+    """Records the rows of each step's clean term and meta objective (their first token ids)."""
+
+    def _meta_batch(self, inputs, noisy_labels):
+        batch = super()._meta_batch(inputs, noisy_labels)
+        meta_inputs, meta_labels = batch.objective
+        self.recorded = getattr(self, "recorded", []) + [
+            (batch.clean_inputs["input_ids"].tolist(), meta_inputs["input_ids"].tolist(), meta_labels.tolist())
+        ]
+        return batch
+
+
+def test_meta_split_rows_keeps_the_meta_rows_out_of_the_main_loss(tmp_path):
+    noisy, clean = datasets(num_noisy=96, num_clean=30)
+    trainer = make_trainer(
+        tmp_path, noisy=noisy, clean=clean, trainer_class=RowRecordingTrainer, meta_split="rows", max_steps=8
+    )
+    trainer.train()
+    main_rows = {tuple(row) for step in trainer.recorded for row in step[0]}
+    meta_rows = {tuple(row) for step in trainer.recorded for row in step[1]}
+    assert main_rows and meta_rows and not main_rows & meta_rows
+    assert len(main_rows | meta_rows) <= 30
+    labels = [label for step in trainer.recorded for label in step[2]]
+    assert set(labels) == set(range(NUM_LABELS))  # stratified: every class is in the meta rows
+    assert "clean_loss" in trainer.state.log_history[-2]
+
+
+def test_meta_split_batch_halves_each_clean_batch(tmp_path):
+    trainer = make_trainer(tmp_path, trainer_class=RowRecordingTrainer, meta_split="batch", max_steps=2)
+    trainer.train()
+    for main, meta, _ in trainer.recorded:
+        assert len(main) == len(meta) == 4  # the clean batch of 8, cut in two
+        assert not {tuple(row) for row in main} & {tuple(row) for row in meta}
 
 
 def test_a_corrector_that_stays_flat_is_reported(tmp_path, caplog):
