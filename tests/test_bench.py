@@ -68,7 +68,13 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     plain_keys = {accuracy.run_key(run) for run in plain_runs}
     assert accuracy.run_key(mlc) not in plain_keys and accuracy.run_key(finetune) in plain_keys
     report = load("report")
-    assert report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc[gradient_steps=3,skip_connection=true]"
+    # MLC runs are named by their rate and settings, unless they ran the package's defaults
+    assert (
+        report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc@3e-05[gradient_steps=3,skip_connection=true]"
+    )
+    assert report.method_label({"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True}) == "mlc"
+    assert report.method_label({"method": "mlc", "meta_learning_rate": 1e-3, "mlc_defaults": False}) == "mlc@0.001"
+    assert mlc.get("mlc_defaults") is None and accuracy.uses_mlc_defaults(mlc) is False
 
 
 def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_dir, monkeypatch):
@@ -147,14 +153,17 @@ def test_report_means_and_gap_share(tmp_path):
     text = results_md.read_text()
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
-    assert (tmp_path / "accuracy_ag_news_m_c100_e1_n2000_v500.png").read_bytes()[:4] == b"\x89PNG"
-    # one figure per (corpus, model, clean rows, epochs, rows, validation): both noise settings share it
+    assert (tmp_path / "accuracy_ag_news_m.png").read_bytes()[:4] == b"\x89PNG"
+    # one figure per corpus (and model) with every cell that has headroom: both noise settings share it
     uniform = [{**row, "noise_type": "uniform", "noise_rate": 0.8} for row in rows]
     (figure,) = report.plot(report.summarise(rows + uniform), tmp_path / "both")
-    assert figure.name == "accuracy_ag_news_m_c100_e1_n2000_v500.png"
+    assert figure.name == "accuracy_ag_news_m.png"
     hub_model = [{**row, "model": "org/encoder"} for row in rows]
     (figure,) = report.plot(report.summarise(hub_model), tmp_path / "hub")
-    assert figure.parent == tmp_path / "hub" and figure.name == "accuracy_ag_news_org_encoder_c100_e1_n2000_v500.png"
+    assert figure.parent == tmp_path / "hub" and figure.name == "accuracy_ag_news_org_encoder.png"
+    # a cell whose oracle is less than 4 points above clean_only has no room to show a method: no figure
+    flat = [{**row, "test_accuracy": 0.82} if row["method"] == "oracle" else row for row in rows]
+    assert report.plot(report.summarise(flat), tmp_path / "flat") == []
     # per seed, seeds in order, under the cell's own title
     assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
     assert "| mlc | 0,1 | 40, 41 | 5.0, 12.5 | 80.0, 80.0 | 90.0, 90.0 | -, - | 84.00, 86.00 |" in text
@@ -174,7 +183,7 @@ def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
     ]  # fmt: skip
     rows = [
         {**base, "method": method, "meta_learning_rate": rate, "test_accuracy": test, "test_macro_f1": test,
-         "eval_accuracy": validation}
+         "eval_accuracy": validation, "mlc_defaults": rate == 3e-5}
         for method, rate, test, validation in runs
     ]  # fmt: skip
     cells = report.summarise(rows)
@@ -183,7 +192,7 @@ def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
     text = "\n".join(report.selection_table(cells))
     assert "| mlc@0.0003 | 0 | 84.0 | 75.0 | 80.0 | clean_only 80.0 | +0.40 |" in text
     assert "the MLC variant chosen on validation: +0.40 over 1 cell(s)" in text
-    assert "mlc at the paper's defaults: +0.60 over 1 cell(s)" in text
+    assert "mlc at the package defaults: +0.60 over 1 cell(s)" in text
 
 
 def test_noise_partner_is_the_one_class_a_true_class_is_flipped_to():
@@ -280,3 +289,63 @@ def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_
     assert "| l2rw | 0 | 41.0 | weight on wrong rows | 20.0 | 10.0 |" in text
     assert "| l2rw | 0 | 41.0 | rows weighted 0 | 45.0 | 40.0 |" in text
     assert "| corrected label right |" not in text  # no row for what the run did not log
+
+
+def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 0.4) -> list[dict]:
+    base = {
+        "corpus": "ag_news", "model": "minilm-l6", "noise_type": "flip", "noise_rate": noise_rate,
+        "num_clean_per_class": 20, "epochs": epochs, "max_train_samples": 4000, "validation_size": 500,
+        "max_length": 64, "wall_s": 1.0, "test_macro_f1": 0.5,
+    }  # fmt: skip
+    rows = []
+    for seed in (0, 1, 2):
+        for name, accuracy in accuracies.items():
+            method, _, settings = name.partition("[")
+            row = {**base, "method": method, "seed": seed, "test_accuracy": accuracy + 0.001 * seed}
+            if method == "mlc":
+                row["meta_learning_rate"] = 3e-4
+                row["mlc_defaults"] = not settings
+                if settings:
+                    row["mlc_settings"] = settings.rstrip("]")
+            rows.append(row)
+    return rows
+
+
+def test_report_checks_the_targets_over_cells_with_headroom():
+    report = load("report")
+    one = {"clean_only": 0.80, "finetune": 0.78, "l2rw": 0.86, "mlc": 0.87, "oracle": 0.90}
+    rows = _cell_rows(1.0, one) + _cell_rows(3.0, {**one, "mlc": 0.85})  # 2 points lost from 1 to 3 epochs
+    rows += _cell_rows(1.0, {"clean_only": 0.88, "mlc": 0.80, "oracle": 0.89}, noise_rate=0.6)  # no headroom
+    cells = report.summarise(rows)
+    assert sum(report.has_headroom(methods) for methods in cells.values()) == 2
+    text = "\n".join(report.targets(cells))
+    assert "Over the 2 cell(s) with headroom" in text
+    assert "| mean gain over clean_only (points) | +6.0 | >= +3 | yes |" in text
+    assert "| mean share of the clean_only→oracle gap | +0.60 | >= 0.50 | yes |" in text
+    assert "| worst cell's distance to the best other method (points) | -1.0 | >= -2 | yes |" in text
+    assert "| worst change from 1 to 3 epochs (points) | -2.0 over 1 cell(s) | >= -1 | no |" in text
+    appendix = "\n".join(report.appendix_table(cells))
+    assert "flip noise 0.6" in appendix and "flip noise 0.4" not in appendix
+    readme = report.readme_table(cells)
+    assert (
+        "| ag_news, flip 0.4, 20/class, 1 ep. | 80.1 ± 0.1 | 86.1 ± 0.1 (l2rw) | 87.1 ± 0.1 | 90.1 ± 0.1 |" in readme
+    )
+
+
+def test_cell_commands_reproduce_the_cell(data_dir):
+    accuracy, report = load("accuracy"), load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, 'mlc[skip_connection="per_example"]': 0.86})
+    for row in rows:  # the run keys bench/accuracy.py gives these rows
+        row["meta_learning_rate"] = row.get("meta_learning_rate")
+    ((cell, methods),) = report.summarise(rows).items()
+    commands = report.cell_commands(cell, methods)
+    assert len(commands) == 3
+    keys = set()
+    for command in commands:
+        argv = command.split()[2:] + ["--data_dir", data_dir]
+        for run in accuracy.grid(accuracy.parse_args(argv)):
+            if run["method"] == "mlc" and not run.get("mlc_settings"):
+                run["meta_learning_rate"] = 3e-4  # the package default these rows ran with
+                run.pop("mlc_settings", None)
+            keys.add(accuracy.run_key(run))
+    assert keys == {accuracy.run_key(row) for row in rows}
