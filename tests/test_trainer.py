@@ -375,3 +375,37 @@ def test_a_corrector_that_stays_flat_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mlc_text.trainer"):
         trainer._warn_if_corrector_stayed_flat()
     assert "stayed near uniform" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "logs, step, expected",
+    [
+        ({"mean_entropy": 1.08}, 5, "still near uniform"),  # log 3 = 1.10: flat, after a quarter of the run
+        ({"mean_entropy": 1.08}, 1, None),  # too early to tell: the corrector starts near uniform
+        ({"mean_entropy": 0.5}, 5, None),
+        ({"clean_loss": 0.01}, 2, "fits the rows of the meta objective"),
+        ({"clean_loss": 0.4}, 2, None),
+        ({"agreement_with_noisy": 0.3}, 2, "over-correcting"),
+        ({"agreement_with_noisy": 0.8}, 2, None),
+    ],
+)
+def test_signals_of_a_corrector_that_does_not_learn_are_warned_once(tmp_path, caplog, logs, step, expected):
+    trainer = make_trainer(tmp_path)
+    trainer.state.global_step, trainer.state.max_steps = step, 6
+    with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+        trainer._warn_on_signals(dict(logs))
+        trainer._warn_on_signals(dict(logs))
+    messages = [record.message for record in caplog.records]
+    if expected is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and expected in messages[0]
+
+
+def test_memorised_meta_objective_advice_depends_on_the_split(tmp_path, caplog):
+    for split, advice in (("none", "Use meta_split='rows'"), ("rows", "Add trusted rows")):
+        trainer = make_trainer(tmp_path / split, meta_split=split)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+            trainer._warn_on_signals({"clean_loss": 0.01})
+        assert advice in caplog.text
