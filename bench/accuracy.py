@@ -8,8 +8,10 @@ and the training seed all follow `seed`). One line per run is appended to `bench
 already there are skipped, so an interrupted grid resumes where it stopped.
 
 Protocol (the paper's): a fixed number of epochs and the final checkpoint, evaluated once on the test split. The
-validation split (held-out training rows with their noisy labels, or clean rows) is reported beside it, never
-instead of it; nothing is tuned on the test split.
+validation split (held-out training rows with their noisy labels) is reported beside it, never instead of it; nothing
+is tuned on the test split. With `--select_on_trusted K`, K trusted rows per class are held out of training instead
+(for every method alike), the model is evaluated on them five times per run and the best checkpoint is kept
+(`load_best_model_at_end`).
 
     python bench/accuracy.py                       # the default grid (see --help), resumable
     python bench/accuracy.py --dry_run             # list the runs and which are done
@@ -58,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_train_samples", type=int, default=2000, help="Noisy training rows before the split.")
     parser.add_argument("--max_test_samples", type=int, default=2000)
     parser.add_argument("--validation_size", type=int, default=500)
+    parser.add_argument(
+        "--select_on_trusted",
+        type=int,
+        default=0,
+        help="Trusted rows per class held out of training to pick the best of five checkpoints (0: the final one).",
+    )
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
@@ -140,6 +148,11 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"--noise_rates: {bad_rates} outside [0, 1]")
     if any(count < 1 for count in args.clean_per_class):
         raise SystemExit(f"--clean_per_class: {args.clean_per_class} must all be >= 1")
+    if args.select_on_trusted < 0 or any(args.select_on_trusted >= count for count in args.clean_per_class):
+        raise SystemExit(
+            f"--select_on_trusted {args.select_on_trusted} must be >= 0 and leave trusted rows to train on "
+            f"(below every --clean_per_class, {args.clean_per_class})"
+        )
     if any(epochs <= 0 for epochs in args.epochs):
         raise SystemExit(f"--epochs: {args.epochs} must all be > 0")
     if args.data_dir is None or not os.path.isdir(args.data_dir):
@@ -164,6 +177,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 "seed": seed,
                 "max_train_samples": args.max_train_samples,
                 "validation_size": args.validation_size,
+                "select_on_trusted": args.select_on_trusted,
                 "max_length": args.max_length,
             }
             if meta_lr is not None:
@@ -223,6 +237,24 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "logging_steps": 10,
         "disable_tqdm": True,
         "log_level": "warning",
+        **selection_arguments(row_value(run, "select_on_trusted"), len(CORPORA[run["corpus"]].label_names)),
+    }
+
+
+def selection_arguments(per_class: int, num_classes: int) -> dict:
+    """With `per_class` > 0: that many of each class's trusted rows validate five checkpoints; the best is kept."""
+    if not per_class:
+        return {}
+    return {
+        "validation_source": "clean",  # stratified: per_class rows of each class, taken out of the trusted rows
+        "validation_size": per_class * num_classes,
+        "eval_strategy": "steps",
+        "eval_steps": 0.2,
+        "save_strategy": "steps",
+        "save_steps": 0.2,
+        "save_total_limit": 2,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "accuracy",
     }
 
 

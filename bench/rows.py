@@ -12,7 +12,7 @@ import os
 import re
 
 # Fields that rows written before they were recorded lack, with the one value those rows used.
-LEGACY_DEFAULTS = {"validation_size": 500}
+LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0}
 
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
@@ -30,6 +30,7 @@ KEY_FIELDS = (
     "seed",
     "max_train_samples",
     "validation_size",
+    "select_on_trusted",
     "max_length",
     "meta_learning_rate",
     "mlc_settings",
@@ -56,6 +57,8 @@ def run_folder_name(run: dict) -> str:
     name = f"{run['corpus']}-{model}-{run['noise_type']}-{run['noise_rate']}-c{run['num_clean_per_class']}"
     name += f"-n{run['max_train_samples']}-v{row_value(run, 'validation_size')}-L{run['max_length']}"
     name += f"-e{run['epochs']}-s{run['seed']}-{run['method']}"
+    if row_value(run, "select_on_trusted"):
+        name += f"-sel{row_value(run, 'select_on_trusted')}"
     if run.get("meta_learning_rate") is not None:
         name += f"-mlr{run['meta_learning_rate']:g}"
     if run.get("mlc_settings"):

@@ -349,3 +349,22 @@ def test_cell_commands_reproduce_the_cell(data_dir):
                 run.pop("mlc_settings", None)
             keys.add(accuracy.run_key(run))
     assert keys == {accuracy.run_key(row) for row in rows}
+
+
+def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, data_dir):
+    accuracy = load("accuracy")
+    argv = ["--data_dir", data_dir, "--methods", "mlc", "clean_only", "--clean_per_class", "20", "--seeds", "0"]
+    plain = accuracy.grid(accuracy.parse_args(argv))
+    args = accuracy.parse_args([*argv, "--select_on_trusted", "5"])
+    runs = accuracy.grid(args)
+    assert {accuracy.run_key(run) for run in runs}.isdisjoint(accuracy.run_key(run) for run in plain)
+    for run in runs:
+        recipe = accuracy.recipe_arguments(run, args, str(tmp_path))
+        assert recipe["validation_source"] == "clean" and recipe["validation_size"] == 5 * 4  # AG News: 4 classes
+        assert recipe["load_best_model_at_end"] and recipe["metric_for_best_model"] == "accuracy"
+        assert recipe["eval_strategy"] == recipe["save_strategy"] == "steps" and recipe["eval_steps"] == 0.2
+    recipe = accuracy.recipe_arguments(plain[0], accuracy.parse_args(argv), str(tmp_path))
+    assert recipe["eval_strategy"] == "no" and recipe["validation_source"] == "heldout"
+    assert "sel5" in load("rows").run_folder_name(runs[0]) and "sel" not in load("rows").run_folder_name(plain[0])
+    with pytest.raises(SystemExit, match="--select_on_trusted 20 must be >= 0 and leave trusted rows"):
+        accuracy.parse_args([*argv, "--select_on_trusted", "20"])
