@@ -65,6 +65,10 @@ class MLCTrainingArguments(TrainingArguments):
             in half, one half in the main loss and the other for the meta objective (the authors' `hmlc_K_mix`).
             `"rows"`: a fixed, class-stratified share `meta_split_fraction` of the trusted rows is kept for the meta
             objective alone and never trained on, so the clean loss at w' measures how the step generalises.
+        corrector_warm_start_steps (`int`, *optional*, defaults to `0`):
+            Before training, this many full-batch Adam steps (learning rate 1e-3) of the corrector on the trusted rows'
+            features, each row shown with its true label and with a wrong one, the target being the true label
+            ([`~meta_net.warm_start_corrector`]), so that it does not start from near-uniform labels. 0: off.
         meta_split_fraction (`float`, *optional*, defaults to `0.5`):
             With `meta_split="rows"`: the share of each class's trusted rows kept for the meta objective.
         clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -123,6 +127,9 @@ class MLCTrainingArguments(TrainingArguments):
     meta_split: str = field(
         default="none",
         metadata={"help": f"Trusted rows of the meta objective, one of {', '.join(META_SPLITS)}."},
+    )
+    corrector_warm_start_steps: int = field(
+        default=0, metadata={"help": "Steps of supervised warm start of the corrector on the trusted rows (0: off)."}
     )
     meta_split_fraction: float = field(
         default=0.5,
@@ -185,6 +192,10 @@ class MLCTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.corrector_warm_start_steps, int) or self.corrector_warm_start_steps < 0:
+            raise ValueError(
+                f"corrector_warm_start_steps must be an integer >= 0, got {self.corrector_warm_start_steps!r}"
+            )
         if self.clean_batch_size is not None and self.clean_batch_size < 1:
             raise ValueError(f"clean_batch_size must be >= 1 or None, got {self.clean_batch_size}")
         if self.clean_batch_size is None:

@@ -19,6 +19,7 @@ __all__ = [
     "CORRECTOR_WEIGHTS_NAME",
     "SKIP_CONNECTIONS",
     "normalise_skip_connection",
+    "warm_start_corrector",
 ]
 
 CORRECTOR_WEIGHTS_NAME = "label_corrector.pt"
@@ -202,3 +203,45 @@ def capture_head_features(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+def warm_start_corrector(
+    corrector: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """
+    Trains the corrector, before MLC starts, on trusted rows whose label is shown twice: as given (true) and replaced
+    by a uniformly drawn wrong class, the target being the true label both times. It then starts by trusting a given
+    label that the features agree with and by replacing one they contradict, instead of from near-uniform labels.
+
+    Args:
+        corrector: the label corrector, called as `corrector(features, noisy_labels)`; updated in place.
+        features (`torch.Tensor` of shape `(rows, feature_size)`): the main net's features of the trusted rows.
+        labels (`torch.LongTensor` of shape `(rows,)`): their true labels.
+        steps (`int`): full-batch Adam steps.
+        learning_rate (`float`): Adam's learning rate.
+        seed (`int`): seed of the wrong labels.
+
+    Returns:
+        `list[float]`: the loss (mean negative log-probability of the true label) before each step.
+    """
+    num_labels = corrector.num_labels
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    offsets = torch.randint(1, num_labels, (len(labels),), generator=generator).to(labels.device)
+    wrong = (labels + offsets) % num_labels  # never the true label
+    inputs = torch.cat([features, features]).detach()
+    given, targets = torch.cat([labels, wrong]), torch.cat([labels, labels])
+    optimizer = torch.optim.Adam([param for param in corrector.parameters() if param.requires_grad], lr=learning_rate)
+    losses = []
+    for _ in range(steps):
+        corrected = corrector(inputs, given)
+        loss = -torch.log(corrected.gather(1, targets[:, None]).clamp_min(1e-12)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

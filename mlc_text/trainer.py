@@ -26,7 +26,13 @@ from .meta_grad import (
     meta_step,
     trainable_parameters,
 )
-from .meta_net import LabelCorrector, capture_head_features, feature_size_of, find_head_module
+from .meta_net import (
+    LabelCorrector,
+    capture_head_features,
+    feature_size_of,
+    find_head_module,
+    warm_start_corrector,
+)
 from .metrics import correction_stats
 
 __all__ = [
@@ -266,6 +272,7 @@ class MLCTrainer(CleanDataTrainer):
             meta_rows, clean_dataset = split_meta_rows(clean_dataset, model.config.num_labels, args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
         self.meta_batches = None if meta_rows is None else self._clean_stream(meta_rows, "meta", seed_offset=1)
+        self.warm_started = False
         self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
             self._corrector_param_groups(),
@@ -326,7 +333,41 @@ class MLCTrainer(CleanDataTrainer):
         ]
 
     # ---------------------------------------------------------------------------------------------- the step
+    def warm_start(self) -> None:
+        """The corrector's supervised warm start on every trusted row (`corrector_warm_start_steps`), once per run."""
+        self.warm_started = True
+        if not self.args.corrector_warm_start_steps:
+            return
+        streams = [self.clean_batches] + ([self.meta_batches] if self.meta_batches is not None else [])
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        features, labels = [], []
+        with torch.no_grad(), capture_head_features(self.head) as store:
+            for stream in streams:  # the same rows on every process: the corrector stays the same everywhere
+                for start in range(0, len(stream.dataset), self.args.clean_batch_size):
+                    rows = [
+                        stream.dataset[index]
+                        for index in range(start, min(start + self.args.clean_batch_size, len(stream.dataset)))
+                    ]
+                    inputs = self._prepare_inputs(stream.collate_fn(rows))
+                    inputs.pop("true_label", None)
+                    labels.append(inputs.pop("labels"))
+                    with self.compute_loss_context_manager():
+                        model(**inputs)
+                    features.append(store["features"].float())
+        model.train()
+        losses = warm_start_corrector(
+            self.corrector,
+            torch.cat(features),
+            torch.cat(labels),
+            self.args.corrector_warm_start_steps,
+            seed=self.args.seed,
+        )
+        logger.info(f"corrector warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps")
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if not self.warm_started:
+            self.warm_start()
         model.train()
         self.corrector.train()
         inputs = self._prepare_inputs(inputs)
@@ -558,6 +599,7 @@ class MLCTrainer(CleanDataTrainer):
         return {
             **super().extra_state(),
             "meta_batches": None if self.meta_batches is None else self.meta_batches.state_dict(),
+            "warm_started": self.warm_started,
             "corrector": self.corrector.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "lookahead": self.lookahead.state_dict(),
@@ -577,6 +619,7 @@ class MLCTrainer(CleanDataTrainer):
         super().load_extra_state(state)
         if self.meta_batches is not None:
             self.meta_batches.load_state_dict(state["meta_batches"])
+        self.warm_started = state.get("warm_started", True)
         self.corrector.load_state_dict(state["corrector"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.lookahead.load_state_dict(state["lookahead"])

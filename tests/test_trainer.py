@@ -199,7 +199,10 @@ def test_trainer_meta_gradient_matches_reference(tmp_path, optim, gradient_steps
         assert ((jvp - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("settings", [{}, {"meta_split": "rows"}, {"meta_split": "batch", "meta_gradient": "fd"}])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"meta_split": "rows"}, {"meta_split": "batch", "meta_gradient": "fd", "corrector_warm_start_steps": 5}],
+)
 def test_resume_reaches_the_same_parameters(tmp_path, settings):
     full = make_trainer(tmp_path / "full", max_steps=12, **settings)
     full.train()
@@ -409,3 +412,22 @@ def test_memorised_meta_objective_advice_depends_on_the_split(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="mlc_text.trainer"):
             trainer._warn_on_signals({"clean_loss": 0.01})
         assert advice in caplog.text
+
+
+def test_warm_start_trains_the_corrector_on_the_trusted_rows_once(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, corrector_warm_start_steps=30, max_steps=2, skip_connection="per_example")
+    before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
+    with caplog.at_level("INFO", logger="mlc_text.trainer"):
+        trainer.warm_start()
+    assert "corrector warm start: loss" in caplog.text and trainer.warm_started
+    after = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    trainer.train()  # the first step must not warm-start again: only the meta-gradient moves the corrector then
+    assert trainer.warm_started
+
+
+def test_without_warm_start_the_first_step_leaves_the_corrector_to_the_meta_gradient(tmp_path):
+    trainer = make_trainer(tmp_path)
+    before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
+    trainer.warm_start()
+    assert all(torch.equal(before[k], v) for k, v in trainer.corrector.state_dict().items())

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlc_text.meta_net import LabelCorrector, normalise_skip_connection, warm_start_corrector
+
+
+@pytest.mark.parametrize("skip_connection", ["none", "global", "per_example"])
+def test_corrected_labels_are_distributions(skip_connection):
+    torch.manual_seed(0)
+    corrector = LabelCorrector(4, 8, hidden_size=16, label_embedding_size=4, skip_connection=skip_connection)
+    corrected = corrector(torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 0]))
+    assert corrected.shape == (5, 4)
+    torch.testing.assert_close(corrected.sum(-1), torch.ones(5))
+    assert (corrected >= 0).all()
+
+
+def test_per_example_skip_is_the_sigmoid_of_an_extra_unit():
+    torch.manual_seed(0)
+    corrector = LabelCorrector(
+        3, 8, hidden_size=16, label_embedding_size=4, skip_connection="per_example", skip_init=2.0
+    )
+    assert corrector.mlp[-1].out_features == 4 and corrector.mlp[-1].bias[-1].item() == 2.0
+    features, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    hidden = torch.cat([features, corrector.label_embedding(labels)], dim=-1)
+    logits = corrector.mlp(hidden)
+    mix = torch.sigmoid(logits[:, 3:])
+    expected = (1 - mix) * torch.softmax(logits[:, :3], -1) + mix * torch.nn.functional.one_hot(labels, 3)
+    torch.testing.assert_close(corrector(features, labels), expected)
+    assert corrector.last_skip_weight.item() == pytest.approx(mix.mean().item())
+    # each row its own weight, starting near sigmoid(2) = 0.88 (the other units' weights move it a little)
+    assert mix.std() > 0 and abs(mix.mean().item() - 1 / (1 + math.exp(-2))) < 0.1
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(True, "global"), (False, "none"), ("true", "global"), ("per_example", "per_example")]
+)
+def test_skip_connection_aliases(value, expected):
+    assert normalise_skip_connection(value) == expected
+    with pytest.raises(ValueError, match="skip_connection must be one of none, global, per_example"):
+        normalise_skip_connection("always")
+
+
+def test_a_saved_corrector_keeps_its_skip_connection(tmp_path):
+    corrector = LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4, skip_connection="per_example")
+    corrector.save_pretrained(tmp_path)
+    loaded = LabelCorrector.from_pretrained(tmp_path)
+    assert loaded.skip_connection == "per_example"
+    features, labels = torch.randn(2, 8), torch.tensor([0, 2])
+    torch.testing.assert_close(loaded(features, labels), corrector(features, labels))
+
+
+def test_warm_start_teaches_to_keep_a_label_the_features_agree_with_and_replace_one_they_contradict():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 3
+    labels = torch.arange(3).repeat(10)
+    features = centres[labels] + 0.3 * torch.randn(30, 8)
+    corrector = LabelCorrector(3, 8, hidden_size=32, label_embedding_size=4, skip_connection="per_example")
+    losses = warm_start_corrector(corrector, features, labels, steps=200, learning_rate=1e-2, seed=0)
+    assert losses[-1] < 0.2 * losses[0]
+    with torch.no_grad():
+        kept = corrector(features, labels).argmax(-1)
+        replaced = corrector(features, (labels + 1) % 3).argmax(-1)
+    assert (kept == labels).float().mean() > 0.9 and (replaced == labels).float().mean() > 0.9
