@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from transformers import TrainingArguments
 
+from .corpora import CORPORA, _check_file, get_corpus_info
 from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
+from .noise import NOISE_TYPES, build_transition_matrix, load_matrix
 
 __all__ = [
     "MLCTrainingArguments",
@@ -21,6 +25,8 @@ __all__ = [
 METHODS = ("mlc", "finetune", "clean_only", "finetune_then_clean", "glc", "l2rw", "finetune_clean_batch", "oracle")
 META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
 META_SPLITS = ("none", "batch", "rows")
+VALIDATION_SOURCES = ("heldout", "clean", "none")
+MIN_MAX_LENGTH = 8
 
 
 @dataclass
@@ -286,6 +292,10 @@ class DataArguments:
     split_seed: int = field(default=42, metadata={"help": "Seed of the clean/noisy split."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenization caches."})
 
+    def check(self) -> None:
+        """Raises `ValueError`, naming the bad value and what is accepted, before any data is read."""
+        _check_data_arguments(self)
+
 
 @dataclass
 class NoiseArguments:
@@ -306,3 +316,86 @@ class NoiseArguments:
         default=None, metadata={"help": "K x K transition matrix (JSON file or inline JSON) for noise_type=matrix."}
     )
     noise_seed: int = field(default=0, metadata={"help": "Seed of the label corruption."})
+
+    def check(self, num_classes: int | None = None) -> np.ndarray | None:
+        """
+        Raises `ValueError` for bad settings (the matrix's shape too when `num_classes` is known); returns the parsed
+        matrix of `noise_type="matrix"`, else `None`.
+        """
+        return _check_noise_arguments(self, num_classes)
+
+
+# ------------------------------------------------------------------------------------- argument checks
+def _check_integer(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        accepted = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def _check_max_length(max_length: Any) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length must be an integer >= {MIN_MAX_LENGTH}, got {max_length!r}")
+
+
+def _check_source(data_args: DataArguments) -> None:
+    """Either a named corpus or your own files, not both."""
+    if data_args.corpus is None and data_args.train_file is None:
+        raise ValueError(f"set corpus (one of {', '.join(CORPORA)}) or train_file, got neither")
+    if data_args.corpus is None:
+        files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+        for split, path in files.items():
+            if path is not None:
+                _check_file(path, split)
+        return
+    get_corpus_info(data_args.corpus)
+    own = ("train_file", "validation_file", "test_file", "noisy_label_column")
+    given = [name for name in own if getattr(data_args, name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} are for your own files, got them with corpus={data_args.corpus!r}: pass one or the other"
+        )
+
+
+def _check_data_arguments(data_args: DataArguments) -> None:
+    _check_source(data_args)
+    if data_args.clean_fraction is not None:
+        _check_fraction("clean_fraction", data_args.clean_fraction)
+    else:
+        _check_integer("num_clean_per_class", data_args.num_clean_per_class, minimum=0, allow_none=True)
+    if data_args.validation_source not in VALIDATION_SOURCES:
+        raise ValueError(
+            f"validation_source must be one of {', '.join(VALIDATION_SOURCES)}, got {data_args.validation_source!r}"
+        )
+    needs_rows = data_args.validation_source != "none" and data_args.validation_file is None
+    _check_integer("validation_size", data_args.validation_size, minimum=1 if needs_rows else 0)
+    _check_max_length(data_args.max_length)
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+        _check_integer(name, getattr(data_args, name), minimum=0, allow_none=True)  # 0: no cap
+    _check_integer("split_seed", data_args.split_seed, minimum=0)
+
+
+def _check_noise_arguments(noise_args: NoiseArguments, num_classes: int | None) -> np.ndarray | None:
+    """Checks the noise settings (the matrix's shape too when K is known); returns the parsed matrix, if any."""
+    noise_type, rate = noise_args.noise_type, noise_args.noise_rate
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"noise_type must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1], got {rate!r}")
+    _check_integer("noise_seed", noise_args.noise_seed, minimum=0)
+    if noise_type == "matrix" and noise_args.noise_matrix is None:
+        raise ValueError("noise_type='matrix' needs noise_matrix (a JSON file or inline JSON list of K rows of K)")
+    if noise_type != "matrix" and noise_args.noise_matrix is not None:
+        raise ValueError(f"noise_matrix is only used with noise_type='matrix', got noise_type={noise_type!r}")
+    matrix = load_matrix(noise_args.noise_matrix) if noise_args.noise_matrix is not None else None
+    if noise_type == "instance" and rate >= 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1) for noise_type='instance', got {rate!r}")
+    if num_classes is not None and noise_type != "instance":
+        build_transition_matrix(noise_type, rate, num_classes, noise_args.noise_seed, matrix)
+    return matrix

@@ -1,7 +1,7 @@
 """
-Data for training on noisy labels: load a named corpus (local folder first, else the Hub) or your own files, split
-the training rows into a small clean (trusted) set and a noisy pool, corrupt the pool's labels with simulated noise
-(or use real noisy labels), and tokenize.
+Data for training on noisy labels: from a corpus loaded by corpora.py, split the training rows into a small clean
+(trusted) set and a noisy pool, corrupt the pool's labels with simulated noise (or use real noisy labels), take the
+validation rows, and tokenize.
 
 Columns after [`prepare_corpus`]:
 
@@ -18,25 +18,42 @@ splits and noisy labels.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
-from .instance_noise import instance_dependent_noise
-from .noise import NOISE_TYPES, build_transition_matrix, corrupt, load_matrix, noise_report
-
-if TYPE_CHECKING:
-    from .config import DataArguments, NoiseArguments
+from .config import (
+    VALIDATION_SOURCES,
+    DataArguments,
+    NoiseArguments,
+    _check_fraction,
+    _check_integer,
+    _check_max_length,
+)
+from .corpora import (
+    CORPORA,
+    DATA_EXTENSIONS,
+    CorpusInfo,
+    _add_column,
+    _int_column,
+    get_corpus_info,
+    load_corpus,
+    load_user_files,
+    resolve_data_dir,
+)
+from .noisy_labels import (
+    _realised,
+    _stream_seed,
+    _use_real_noise,
+    _with_true_label,
+    add_label_noise,
+    save_noise_report,
+)
 
 __all__ = [
     "CORPORA",
@@ -56,36 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DATA_EXTENSIONS = ("jsonl", "json", "csv", "parquet")
-VALIDATION_SOURCES = ("heldout", "clean", "none")
-MIN_MAX_LENGTH = 8
-_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
-_INTEGER = re.compile(r"[+-]?\d+")
-# One independent random stream per step, derived from the user's seed (see `_stream_seed`).
-_STREAMS = {"shuffle": 0, "split": 1, "clean_validation": 2, "eval_subset": 3, "test_subset": 4, "corrupt": 5}
-
-
-@dataclass(frozen=True)
-class CorpusInfo:
-    """A named corpus: its short name, its Hub id and its class names (label id i is `label_names[i]`)."""
-
-    name: str
-    hub_id: str
-    label_names: tuple[str, ...]
-
-
-CORPORA: dict[str, CorpusInfo] = {
-    info.name: info
-    for info in (
-        CorpusInfo("ag_news", "fancyzhx/ag_news", ("World", "Sports", "Business", "Sci/Tech")),
-        CorpusInfo("yelp_polarity", "fancyzhx/yelp_polarity", ("negative", "positive")),
-        CorpusInfo(
-            "yelp_review_full", "Yelp/yelp_review_full", ("1 star", "2 stars", "3 stars", "4 stars", "5 stars")
-        ),
-        CorpusInfo("imdb", "stanfordnlp/imdb", ("neg", "pos")),
-    )
-}
 
 
 @dataclass
@@ -118,329 +105,7 @@ class NoisyCorpus:
         return len(self.label_names)
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def get_corpus_info(name: str) -> CorpusInfo:
-    """The [`CorpusInfo`] of a named corpus; the error lists the accepted names."""
-    if name not in CORPORA:
-        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {name!r}")
-    return CORPORA[name]
-
-
-def resolve_data_dir(data_dir: str | None = None) -> str | None:
-    """The local data folder: `data_dir` if given, else the environment variable `MLC_TEXT_DATA_DIR`, else `None`."""
-    return data_dir or os.environ.get("MLC_TEXT_DATA_DIR") or None
-
-
-def _check_file(path: str, split: str) -> str:
-    extension = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
-    if extension not in _BUILDERS:
-        raise ValueError(f"{split} file {path!r} must end in one of .{', .'.join(DATA_EXTENSIONS)}")
-    if not os.path.isfile(path):
-        raise ValueError(f"{split} file {path!r} does not exist")
-    return _BUILDERS[extension]
-
-
-def _read_file(path: str, split: str) -> Dataset:
-    builder = _check_file(path, split)
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{split} file {path!r} is empty: the {split} split needs at least one row")
-    try:
-        dataset = datasets.load_dataset(builder, data_files={split: path}, split=split)
-    except Exception as error:
-        if "corresponds to no data" in str(error):  # datasets' words for a header-only file
-            raise ValueError(f"{split} file {path!r} has no rows: the {split} split needs at least one row") from error
-        raise ValueError(f"could not read {split} file {path!r} ({type(error).__name__}: {error})") from error
-    if len(dataset) == 0:
-        raise ValueError(f"{split} file {path!r} has no rows: the {split} split needs at least one row")
-    return dataset
-
-
-def _find_split_file(folder: str, split: str) -> str | None:
-    for extension in DATA_EXTENSIONS:
-        path = os.path.join(folder, f"{split}.{extension}")
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _is_offline() -> bool:
-    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
-
-
-def _where_to_put(info: CorpusInfo, data_dir: str | None) -> str:
-    folder = os.path.join(data_dir or "<data_dir>", info.name)
-    return (
-        f"corpus {info.name!r} was not found locally and the Hub ({info.hub_id}) cannot be reached. Put its files at "
-        f"{os.path.join(folder, 'train.jsonl')} and {os.path.join(folder, 'test.jsonl')} (rows like "
-        '{"text": ..., "label": 0}; .json, .csv and .parquet work too) and pass --data_dir, or set the environment '
-        "variable MLC_TEXT_DATA_DIR to that folder"
-    )
-
-
-def _load_from_hub(info: CorpusInfo, data_dir: str | None) -> DatasetDict:
-    try:
-        # Offline, this still succeeds when the Hub copy is in the local cache.
-        loaded = datasets.load_dataset(info.hub_id)
-    except Exception as error:
-        if _is_offline() or isinstance(error, (ConnectionError, TimeoutError)) or "connect" in str(error).lower():
-            raise ValueError(_where_to_put(info, data_dir)) from error
-        raise
-    return DatasetDict({split: loaded[split] for split in ("train", "test")})
-
-
-def load_corpus(name: str, data_dir: str | None = None) -> tuple[DatasetDict, list[str]]:
-    """
-    Loads a named corpus: from `<data_dir>/<name>/train.{jsonl,json,csv,parquet}` and `test.*` when that folder
-    exists, else from the Hub.
-
-    Args:
-        name (`str`): One of `CORPORA` (`ag_news`, `yelp_polarity`, `yelp_review_full`, `imdb`).
-        data_dir (`str`, *optional*): Local data folder; defaults to the environment variable `MLC_TEXT_DATA_DIR`.
-
-    Returns:
-        `tuple[DatasetDict, list[str]]`: Splits `train` and `test` with columns `text` and `label` (int64, checked
-        to lie in 0..K-1), and the class names.
-    """
-    info = get_corpus_info(name)
-    data_dir = resolve_data_dir(data_dir)
-    folder = os.path.join(data_dir, name) if data_dir else None
-    paths = {split: _find_split_file(folder, split) for split in ("train", "test")} if folder else {}
-    if any(paths.values()):
-        missing = [split for split, path in paths.items() if path is None]
-        if missing:
-            raise ValueError(f"{folder!r} has no {missing[0]}.{{{','.join(DATA_EXTENSIONS)}}} file")
-        raw = {split: _read_file(path, split) for split, path in paths.items()}
-        logger.info(f"Loaded {name} from {folder}")
-    else:
-        raw = dict(_load_from_hub(info, data_dir))
-    return _standardise(raw, "text", "label", label_names=list(info.label_names))
-
-
-def load_user_files(
-    train_file: str,
-    test_file: str | None = None,
-    validation_file: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    noisy_label_column: str | None = None,
-    label_names: Sequence[str] | None = None,
-) -> tuple[DatasetDict, list[str]]:
-    """
-    Loads your own files (csv, json/jsonl or parquet, by extension).
-
-    Labels may be integers (0..K-1, with K = the largest training label + 1, or `len(label_names)`) or strings
-    (mapped to ids in sorted order, numerically when they all look like integers; the same mapping for every split).
-    With `noisy_label_column`, the training file's `label_column` holds the true labels where known: missing values
-    (empty, null, or -1) become -1.
-
-    Args:
-        train_file (`str`): Training rows.
-        test_file (`str`, *optional*): Test rows (true labels).
-        validation_file (`str`, *optional*): Validation rows (true labels).
-        text_column (`str`, *optional*, defaults to `"text"`): Column holding the text.
-        label_column (`str`, *optional*, defaults to `"label"`): Column holding the (true) label.
-        noisy_label_column (`str`, *optional*): Training column holding real noisy labels.
-        label_names (sequence of `str`, *optional*): Known class names; integer labels must then lie in
-            0..len(label_names)-1 and string labels must be among them.
-
-    Returns:
-        `tuple[DatasetDict, list[str]]`: Splits with columns `text`, `label` (int64) and, where the file has it,
-        `noisy_label` (int64); and the class names.
-    """
-    files = {"train": train_file, "validation": validation_file, "test": test_file}
-    files = {split: path for split, path in files.items() if path is not None}
-    for split, path in files.items():  # refuse every bad path before reading any file
-        _check_file(path, split)
-    if noisy_label_column is not None and noisy_label_column == label_column:
-        raise ValueError(f"noisy_label_column must differ from label_column, both are {label_column!r}")
-    raw = {split: _read_file(path, split) for split, path in files.items()}
-    return _standardise(raw, text_column, label_column, noisy_label_column, label_names, files)
-
-
-# --------------------------------------------------------------------------------------- label validation
-def _values(dataset: Dataset, column: str) -> list:
-    """A column as a Python list, read in one batch (iterating a `Dataset` column goes row by row)."""
-    return dataset.select_columns([column])[:][column]
-
-
-def _add_column(dataset: Dataset, name: str, values: Any, feature: datasets.Value | None = None) -> Dataset:
-    if len(dataset) == 0:  # datasets cannot add a column to an empty selection of a larger table
-        dataset = Dataset.from_dict({column: [] for column in dataset.column_names}, features=dataset.features)
-    return dataset.add_column(name, values, feature=feature)
-
-
-def _int_column(dataset: Dataset, column: str) -> np.ndarray:
-    return np.asarray(dataset.select_columns([column]).with_format("arrow")[:][column].to_numpy(), dtype=np.int64)
-
-
-def _is_missing(value: Any) -> bool:
-    return (
-        value is None
-        or (isinstance(value, float) and math.isnan(value))
-        or (isinstance(value, str) and not value.strip())
-    )
-
-
-def _is_unknown(value: Any) -> bool:
-    """A missing true label, or -1: allowed in the true-label column of a real-noise training file."""
-    return _is_missing(value) or (not isinstance(value, bool) and str(value).strip() in ("-1", "-1.0"))
-
-
-def _label_kind(value: Any, where: str) -> str | None:
-    """`None` for a missing value, else `int`, `intstr` (a string like "3") or `str`."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"labels must be integers or strings, got the boolean {value!r} in {where}")
-    if isinstance(value, (int, np.integer)):
-        return "int"
-    if isinstance(value, (float, np.floating)):
-        if float(value).is_integer():
-            return "int"
-        raise ValueError(f"labels must be whole numbers or strings, got {value!r} in {where}")
-    if isinstance(value, str):
-        return "intstr" if _INTEGER.fullmatch(value.strip()) else "str"
-    raise ValueError(f"labels must be integers or strings, got {type(value).__name__} {value!r} in {where}")
-
-
-@dataclass
-class _LabelColumn:
-    split: str
-    column: str
-    values: list
-    allow_unknown: bool  # the true labels of a real-noise training file: missing or -1 means unknown
-
-    def where(self, row: int) -> str:
-        return f"{self.split} column {self.column!r} (row {row})"
-
-    def known(self):
-        """`(row, value)` of every label that is not an allowed unknown."""
-        return (
-            (row, value) for row, value in enumerate(self.values) if not (self.allow_unknown and _is_unknown(value))
-        )
-
-
-def _column_kinds(columns: list[_LabelColumn]) -> dict[str, tuple[Any, str]]:
-    """Each kind of label found, with a first example and where it is."""
-    kinds: dict[str, tuple[Any, str]] = {}
-    for column in columns:
-        for row, value in column.known():
-            kind = _label_kind(value, column.where(row))
-            if kind is None:
-                raise ValueError(f"missing label in {column.where(row)}: every row needs a label")
-            kinds.setdefault(kind, (value, column.where(row)))
-    if len(kinds) > 1:
-        examples = " and ".join(f"{value!r} in {where}" for value, where in kinds.values())
-        raise ValueError(f"labels mix integers and strings ({examples}); use one type (ids 0..K-1 or class names)")
-    return kinds
-
-
-def _integer_classes(columns: list[_LabelColumn], label_names: Sequence[str] | None) -> list[str]:
-    train_ids = [int(value) for column in columns if column.split == "train" for _, value in column.known()]
-    num_classes = len(label_names) if label_names is not None else max(train_ids) + 1
-    basis = "the given label_names" if label_names is not None else "K = the largest training label + 1"
-    for column in columns:
-        for row, value in column.known():
-            if not 0 <= int(value) < num_classes:
-                raise ValueError(
-                    f"labels must be in 0..{num_classes - 1} ({basis}), got {value!r} in {column.where(row)}"
-                )
-    return list(label_names) if label_names is not None else [str(index) for index in range(num_classes)]
-
-
-def _string_classes(columns: list[_LabelColumn], label_names: Sequence[str] | None, kind: str) -> list[str]:
-    if label_names is not None:
-        return list(label_names)
-    seen = {str(value).strip() for column in columns if column.split == "train" for _, value in column.known()}
-    return sorted(seen, key=int) if kind == "intstr" else sorted(seen)
-
-
-def _encode(column: _LabelColumn, mapping: dict[str, int] | None) -> np.ndarray:
-    """Label ids (-1 for an allowed unknown); string labels must be in `mapping`."""
-    ids = np.full(len(column.values), -1, dtype=np.int64)
-    for row, value in column.known():
-        if mapping is None:
-            ids[row] = int(value)
-        elif str(value).strip() in mapping:
-            ids[row] = mapping[str(value).strip()]
-        else:
-            raise ValueError(
-                f"label {value!r} in {column.where(row)} is not among the training labels {list(mapping)}"
-            )
-    return ids
-
-
-def _label_classes(columns: list[_LabelColumn], label_names: Sequence[str] | None) -> tuple[list[str], dict | None]:
-    """The class names, and the name -> id mapping of string labels (`None` for integer labels)."""
-    kinds = _column_kinds(columns)
-    if not any(True for column in columns if column.split == "train" for _ in column.known()):
-        raise ValueError("the training file has no known label: at least one row needs a label")
-    kind = next(iter(kinds))
-    if kind == "int":
-        return _integer_classes(columns, label_names), None
-    names = _string_classes(columns, label_names, kind)
-    return names, {name: index for index, name in enumerate(names)}
-
-
-# ------------------------------------------------------------------------------------- column standardising
-def _check_columns(dataset: Dataset, split: str, source: str, required: list[str]) -> None:
-    for column in required:
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"column {column!r} not found in {split} ({source}); its columns are: {', '.join(dataset.column_names)}"
-            )
-
-
-def _text_only(dataset: Dataset, column: str, split: str) -> Dataset:
-    """The text column alone, renamed `text`, after checking it holds strings and no nulls (kept memory-mapped)."""
-    feature = dataset.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(f"text column {column!r} must hold strings, got {feature} in {split}")
-    nulls = pc.is_null(dataset.data.column(column)).to_numpy(zero_copy_only=False)
-    if nulls.any():
-        raise ValueError(
-            f"text column {column!r} has {int(nulls.sum())} missing value(s) in {split}, first at row {nulls.argmax()}"
-        )
-    texts = dataset.select_columns([column])
-    return texts if column == "text" else texts.rename_column(column, "text")
-
-
-def _standardise(
-    raw: dict[str, Dataset],
-    text_column: str,
-    label_column: str,
-    noisy_label_column: str | None = None,
-    label_names: Sequence[str] | None = None,
-    files: dict[str, str] | None = None,
-) -> tuple[DatasetDict, list[str]]:
-    """Checks columns and labels of every split, then rebuilds each as `text`, `label` (and `noisy_label`)."""
-    label_columns = []
-    for split, dataset in raw.items():
-        source = f"file {files[split]!r}" if files else "the corpus"
-        noisy = noisy_label_column if noisy_label_column in dataset.column_names or split == "train" else None
-        _check_columns(dataset, split, source, [text_column, label_column] + ([noisy] if noisy else []))
-        label_columns.append(_LabelColumn(split, label_column, _values(dataset, label_column), noisy is not None))
-        if noisy:
-            label_columns.append(_LabelColumn(split, noisy, _values(dataset, noisy), False))
-    names, mapping = _label_classes(label_columns, label_names)
-    if len(names) < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, the labels hold {len(names)}: {names}")
-    encoded: dict[str, dict[str, np.ndarray]] = {split: {} for split in raw}
-    for column in label_columns:
-        encoded[column.split]["label" if column.column == label_column else "noisy_label"] = _encode(column, mapping)
-    standard = {}
-    for split, dataset in raw.items():
-        standard[split] = _text_only(dataset, text_column, split)
-        for name, ids in encoded[split].items():
-            standard[split] = standard[split].add_column(name, ids, feature=datasets.Value("int64"))
-    return DatasetDict(standard), names
-
-
 # ------------------------------------------------------------------------------------------ clean / noisy split
-def _stream_seed(seed: int, stream: str) -> int:
-    """An independent seed for one random step, so that changing one step leaves the others' draws unchanged."""
-    return int(np.random.SeedSequence([int(seed), _STREAMS[stream]]).generate_state(1)[0])
 
 
 def _class_name(label: int, label_names: Sequence[str] | None) -> str:
@@ -520,184 +185,6 @@ def split_clean_noisy(
             dataset, "index", np.arange(len(dataset), dtype=np.int64), feature=datasets.Value("int64")
         )
     return dataset.select(clean_rows), dataset.select(noisy_rows)
-
-
-# ------------------------------------------------------------------------------------------------- noise
-def add_label_noise(
-    noisy_dataset: Dataset,
-    noise_type: str,
-    noise_rate: float,
-    num_classes: int,
-    seed: int,
-    matrix: Any = None,
-) -> tuple[Dataset, dict[str, Any]]:
-    """
-    Corrupts the `label` column with simulated class-conditional noise.
-
-    Args:
-        noisy_dataset (`Dataset`): Rows whose `label` holds the true labels.
-        noise_type (`str`): `uniform`, `flip`, `matrix` or `none` (see [`~noise.build_transition_matrix`]), or
-            `instance` (see [`~instance_noise.instance_dependent_noise`]; needs a `text` column).
-        noise_rate (`float`): Noise rate in [0, 1].
-        num_classes (`int`): Number of classes K.
-        seed (`int`): Seed of the flip targets and (through its own stream) of the corruption.
-        matrix (array-like or `str`, *optional*): The transition matrix for `noise_type="matrix"`.
-
-    Returns:
-        `tuple[Dataset, dict]`: The rows with `true_label` (the original), `label` (the noisy label) and
-        `is_corrupted` (bool); and the report: `type`, `rate`, `seed`, `transition_matrix` (the matrix used) and the
-        realised noise of [`~noise.noise_report`] (`realised_rate`, `expected_rate`, `counts`, `realised_matrix`,
-        class counts).
-    """
-    if "true_label" in noisy_dataset.column_names:
-        raise ValueError("noisy_dataset already has a true_label column: its labels were corrupted before")
-    true = _int_column(noisy_dataset, "label")
-    if noise_type == "instance":
-        if "text" not in noisy_dataset.column_names:
-            raise ValueError("noise_type='instance' needs the rows' text (a `text` column) to fit its weak model")
-        noisy = instance_dependent_noise(noisy_dataset["text"], true, num_classes, noise_rate, seed)
-        transition = None
-    else:
-        transition = build_transition_matrix(noise_type, noise_rate, num_classes, seed, matrix)
-        noisy = true.copy() if noise_type == "none" else corrupt(true, transition, _stream_seed(seed, "corrupt"))
-    dataset = _relabel(noisy_dataset.rename_column("label", "true_label"), noisy, true)
-    report = {
-        "type": noise_type,
-        "rate": noise_rate,
-        "seed": seed,
-        "transition_matrix": None if transition is None else transition.tolist(),
-    }
-    return dataset, {**report, **noise_report(true, noisy, num_classes, transition)}
-
-
-def _relabel(dataset: Dataset, noisy: np.ndarray, true: np.ndarray) -> Dataset:
-    dataset = _add_column(dataset, "label", noisy, feature=datasets.Value("int64"))
-    return _add_column(dataset, "is_corrupted", (true >= 0) & (noisy != true), feature=datasets.Value("bool"))
-
-
-def _use_real_noise(dataset: Dataset, num_classes: int) -> tuple[Dataset, dict[str, Any]]:
-    """Rows of a real-noise corpus: `noisy_label` becomes `label`, the true `label` (-1 if unknown) `true_label`."""
-    true = _int_column(dataset, "label")
-    noisy = _int_column(dataset, "noisy_label")
-    dataset = _relabel(dataset.remove_columns("noisy_label").rename_column("label", "true_label"), noisy, true)
-    return dataset, {"type": "real", "rate": None, "seed": None, "transition_matrix": None}
-
-
-def _realised(report: dict[str, Any], dataset: Dataset, num_classes: int) -> dict[str, Any]:
-    """The report's realised statistics recomputed on `dataset` (rows with a known true label)."""
-    true = _int_column(dataset, "true_label")
-    noisy = _int_column(dataset, "label")
-    known = true >= 0
-    matrix = report.get("transition_matrix")
-    realised = noise_report(true[known], noisy[known], num_classes, matrix)
-    return {**report, **realised, "rows_with_true_label": int(known.sum())}
-
-
-def _with_true_label(dataset: Dataset) -> Dataset:
-    return _add_column(dataset, "true_label", _int_column(dataset, "label"), feature=datasets.Value("int64"))
-
-
-def save_noise_report(report: dict[str, Any], path: str) -> str:
-    """
-    Writes a noise report as indented JSON, creating the parent folder.
-
-    Args:
-        report (`dict`): A report from [`add_label_noise`] or `NoisyCorpus.noise_report`.
-        path (`str`): The `.json` file to write.
-
-    Returns:
-        `str`: `path`.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, default=_json_default)
-        handle.write("\n")
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-# -------------------------------------------------------------------------------------- argument checks
-def _check_integer(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        accepted = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def _check_max_length(max_length: Any) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < MIN_MAX_LENGTH:
-        raise ValueError(f"max_length must be an integer >= {MIN_MAX_LENGTH}, got {max_length!r}")
-
-
-def _check_source(data_args: DataArguments) -> None:
-    """Either a named corpus or your own files, not both."""
-    if data_args.corpus is None and data_args.train_file is None:
-        raise ValueError(f"set corpus (one of {', '.join(CORPORA)}) or train_file, got neither")
-    if data_args.corpus is None:
-        files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-        for split, path in files.items():
-            if path is not None:
-                _check_file(path, split)
-        return
-    get_corpus_info(data_args.corpus)
-    own = ("train_file", "validation_file", "test_file", "noisy_label_column")
-    given = [name for name in own if getattr(data_args, name) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} are for your own files, got them with corpus={data_args.corpus!r}: pass one or the other"
-        )
-
-
-def _check_data_arguments(data_args: DataArguments) -> None:
-    _check_source(data_args)
-    if data_args.clean_fraction is not None:
-        _check_fraction("clean_fraction", data_args.clean_fraction)
-    else:
-        _check_integer("num_clean_per_class", data_args.num_clean_per_class, minimum=0, allow_none=True)
-    if data_args.validation_source not in VALIDATION_SOURCES:
-        raise ValueError(
-            f"validation_source must be one of {', '.join(VALIDATION_SOURCES)}, got {data_args.validation_source!r}"
-        )
-    needs_rows = data_args.validation_source != "none" and data_args.validation_file is None
-    _check_integer("validation_size", data_args.validation_size, minimum=1 if needs_rows else 0)
-    _check_max_length(data_args.max_length)
-    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
-        _check_integer(name, getattr(data_args, name), minimum=0, allow_none=True)  # 0: no cap
-    _check_integer("split_seed", data_args.split_seed, minimum=0)
-
-
-def _check_noise_arguments(noise_args: NoiseArguments, num_classes: int | None) -> np.ndarray | None:
-    """Checks the noise settings (the matrix's shape too when K is known); returns the parsed matrix, if any."""
-    noise_type, rate = noise_args.noise_type, noise_args.noise_rate
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"noise_rate must be in [0, 1], got {rate!r}")
-    _check_integer("noise_seed", noise_args.noise_seed, minimum=0)
-    if noise_type == "matrix" and noise_args.noise_matrix is None:
-        raise ValueError("noise_type='matrix' needs noise_matrix (a JSON file or inline JSON list of K rows of K)")
-    if noise_type != "matrix" and noise_args.noise_matrix is not None:
-        raise ValueError(f"noise_matrix is only used with noise_type='matrix', got noise_type={noise_type!r}")
-    matrix = load_matrix(noise_args.noise_matrix) if noise_args.noise_matrix is not None else None
-    if noise_type == "instance" and rate >= 1.0:
-        raise ValueError(f"noise_rate must be in [0, 1) for noise_type='instance', got {rate!r}")
-    if num_classes is not None and noise_type != "instance":
-        build_transition_matrix(noise_type, rate, num_classes, noise_args.noise_seed, matrix)
-    return matrix
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -813,12 +300,12 @@ def prepare_corpus(data_args: DataArguments, noise_args: NoiseArguments) -> Nois
         `counts`, `realised_matrix`, `true_class_counts`, `noisy_class_counts`, `num_rows`, `rows_with_true_label`),
         plus `rows` per split and `split_seed`.
     """
-    _check_data_arguments(data_args)
+    data_args.check()
     known_classes = len(CORPORA[data_args.corpus].label_names) if data_args.corpus else None
-    matrix = _check_noise_arguments(noise_args, known_classes)
+    matrix = noise_args.check(known_classes)
     raw, label_names, info = _load(data_args)
     num_classes = len(label_names)
-    _check_noise_arguments(noise_args, num_classes)
+    noise_args.check(num_classes)
     train = _shuffle(raw["train"], data_args.split_seed)
     split_stream = _stream_seed(data_args.split_seed, "split")
     clean, pool = split_clean_noisy(
