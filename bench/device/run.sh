@@ -1,11 +1,9 @@
 #!/bin/bash
-# The script of the one GPU call of 2026-11-26 (issue 7: GPU accuracy grid + GPU step cost), kept as it ran; the
-# results are in bench/results/*-gpu.jsonl and *-cuda.json, read in docs/RESULTS_GPU.md and docs/PERFORMANCE.md.
-# It ran from the repo root on the lent machine with an ignored folder .gpu/ carried beside the tree, holding this
-# script and setup.sh, wheels of the packages that machine lacked (transformers 5.24.0, datasets 5.2.0, evaluate
-# 0.4.6, dill, multiprocess), MiniLM's tokenizer and config with its weights rounded to fp16 (model-fp16.safetensors:
-# the 64 MiB transfer limit) and AG News gzipped. On a GPU machine with the package installed, the same grid is just
-# the bench/accuracy.py invocations below, with MLC_TEXT_DATA_DIR set.
+# One lent GPU call: set up (setup.sh), the step-cost benchmark, then an accuracy grid cut at a deadline. It runs
+# from the repo root on the device with an ignored folder .gpu/ carried beside the tree, holding this script,
+# setup.sh, wheels of the packages the device lacks, MiniLM's tokenizer and config with its weights in fp16 (to fit
+# the transfer limit) and AG News gzipped. Its results go to $OUT (bench/results/*-gpu.jsonl and *-cuda.json when
+# kept). On a GPU machine with the package installed, the same grid is just the bench/accuracy.py calls below.
 #   bash .gpu/run.sh            on the device ($OUT set, python3 with CUDA torch)
 #   SKIP_WHEEL=multiprocess SMOKE=1 PY=.venv/bin/python OUT=/tmp/gpu-out bash .gpu/run.sh   plumbing check on CPU
 T0=$(date +%s)
