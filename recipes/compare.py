@@ -1,30 +1,19 @@
 #!/usr/bin/env python
 """
 Several methods over one noisy split, side by side (same clean rows, same noisy labels, same encoder and budget).
+The same as `mlc-text compare`.
 
-    python recipes/compare.py --methods mlc,finetune,clean_only --corpus ag_news --noise_type flip --noise_rate 0.4
+    python recipes/compare.py --methods mlc,finetune,clean_only --noise_type flip --noise_rate 0.4   # AG News
+    python recipes/compare.py --methods finetune,clean_only,mlc,l2rw --train_file my/train.jsonl \
+        --test_file my/test.jsonl --noisy_label_column noisy_label --label_column label --noise_type none
 
-Every other argument is a recipe argument (see recipes/train_agnews.py); outputs go to <output_dir>/<method>.
+Every other argument is a recipe argument (`--help` lists them); outputs go to <output_dir>/<method>. AG News is the
+default corpus only when neither --corpus nor --train_file is given.
 """
 
 import sys
 
-from mlc_text.pipeline import compare
-
-
-def split_methods(argv: list[str]) -> tuple[list[str], list[str]]:
-    methods, rest = "mlc,finetune,clean_only", []
-    iterator = iter(argv)
-    for token in iterator:
-        if token == "--methods":
-            methods = next(iterator, "")
-        elif token.startswith("--methods="):
-            methods = token.split("=", 1)[1]
-        else:
-            rest.append(token)
-    return [method for method in methods.split(",") if method], rest
-
+from mlc_text.cli import run_command
 
 if __name__ == "__main__":
-    methods, argv = split_methods(sys.argv[1:])
-    compare(methods, argv, defaults={"corpus": "ag_news"})
+    run_command("compare", sys.argv[1:], defaults={"corpus": "ag_news"})

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
 Any corpus from your own files (csv, json/jsonl or parquet), with simulated noise or with the noisy labels you have.
+The same as `mlc-text train`.
 
     python recipes/train.py --train_file train.csv --test_file test.csv --text_column text --label_column label
     # real noise: the noisy labels in one column, true labels (where known, -1 or empty elsewhere) in another
@@ -10,7 +11,7 @@ Any corpus from your own files (csv, json/jsonl or parquet), with simulated nois
 See docs/custom_corpus.md.
 """
 
-from mlc_text.pipeline import main
+from mlc_text.pipeline import EVALUATION_DEFAULTS, main
 
 if __name__ == "__main__":
-    main()
+    main(EVALUATION_DEFAULTS)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForSequenceClassification
 
 from mlc_text.config import METHODS
-from mlc_text.pipeline import compare, main, parse_args
+from mlc_text.label_issues import LABEL_ISSUE_COLUMNS
+from mlc_text.pipeline import EVALUATION_DEFAULTS, RECIPE_DEFAULTS, compare, main, parse_args
+
+from .test_cli import tiny_scale, write_user_files
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(model_dir: str, output_dir, data_dir: str, *extra: str) -> list[str]:
@@ -75,6 +82,23 @@ def test_every_method_writes_its_outputs(method, tiny_model_dir, data_dir, tmp_p
         assert written["correction_accuracy"] is None
     if method == "glc":
         assert len(written["glc_transition_matrix"]) == 4
+    assert_label_issues(output_dir, written, ranked_by="corrector" if method == "mlc" else "self_confidence")
+
+
+def assert_label_issues(output_dir, results: dict, ranked_by: str) -> None:
+    """label_issues.csv: every noisy training row once, least believed label first; precision at k in results."""
+    with (output_dir / "label_issues.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == list(LABEL_ISSUE_COLUMNS)
+    assert len(table) == results["rows"]["train"] == len({row["index"] for row in table})
+    quality = [float(row["label_quality"]) for row in table]
+    assert quality == sorted(quality) and [int(row["rank"]) for row in table] == list(range(1, len(table) + 1))
+    assert all((row["corrected_label"] != "") == (ranked_by == "corrector") for row in table)
+    wrong = sum(row["given_label"] != row["true_label"] for row in table)  # simulated noise: every true label known
+    issues = results["label_issues"]
+    assert issues["ranked_by"] == ranked_by and issues["k"] == wrong > 0 and issues["num_known"] == len(table)
+    assert issues["precision_at_k"] == issues["recall_at_k"] and 0.0 <= issues["precision_at_k"] <= 1.0
+    assert issues["wrong_share"] == pytest.approx(wrong / len(table)) == results["noise"]["realised_rate"]
 
 
 def test_compare_runs_methods_on_the_same_split(tiny_model_dir, data_dir, tmp_path):
@@ -139,6 +163,8 @@ def test_recipe_runs_under_accelerate_launch(tiny_model_dir, data_dir, tmp_path)
     command = [accelerate, "launch", "--config_file", os.path.join(root, "recipes/accelerate_configs/cpu.yaml")]
     command += [os.path.join(root, "recipes/train_agnews.py")]
     command += tiny_argv(tiny_model_dir, tmp_path, data_dir, "--max_steps", "1")
+    # The recipe validates on trusted rows (EVALUATION_DEFAULTS): enough of them to take 16 out.
+    command += ["--num_clean_per_class", "12", "--validation_size", "16"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| mlc " in out.stdout and "test_accuracy" in out.stdout
@@ -168,3 +194,80 @@ def test_best_checkpoint_on_validation_is_loaded_when_asked(tiny_model_dir, data
     assert state["best_metric"] == best["eval_accuracy"]
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
     assert (tmp_path / f"checkpoint-{best['step']}" / "mlc_state.pt").is_file()  # corrector state in checkpoints
+
+
+def test_recipe_compare_runs_on_your_own_files(tiny_model_dir, tmp_path):
+    """Issue 27's command: recipes/compare.py names AG News as its default corpus, and --train_file wins over it."""
+    train, test = write_user_files(tmp_path / "my", extension="jsonl")
+    command = [sys.executable, str(ROOT / "recipes" / "compare.py"), "--methods", "finetune,l2rw"]
+    command += ["--train_file", str(train), "--test_file", str(test), "--noisy_label_column", "noisy_label"]
+    command += ["--label_column", "label", "--noise_type", "none", "--num_clean_per_class", "20"]
+    command += ["--validation_size", "40", "--output_dir", str(tmp_path / "out"), *tiny_scale(tiny_model_dir)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| finetune " in out.stdout and "| l2rw " in out.stdout
+    for method in ("finetune", "l2rw"):
+        results = json.loads((tmp_path / "out" / method / "results.json").read_text())
+        assert results["corpus"] == "custom" and results["label_issues"]["num_known"] == 40
+        assert (tmp_path / "out" / method / "label_issues.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "corpus"),
+    [
+        ([], "ag_news"),  # the recipe's default
+        (["--train_file", "my.csv"], None),  # your file wins over the recipe's default corpus
+        (["--corpus", "imdb"], "imdb"),
+        (["--corpus", "None", "--train_file", "my.csv"], None),
+        (["--corpus", "ag_news", "--train_file", "my.csv"], "ag_news"),  # both said: refused when the data loads
+    ],
+)
+def test_a_recipe_default_corpus_applies_only_without_train_file(argv, corpus):
+    assert parse_args(argv, {"corpus": "ag_news"})[1].corpus == corpus
+
+
+def test_a_recipe_default_corpus_yields_to_a_train_file_in_an_argument_file(tmp_path):
+    path = tmp_path / "args.yaml"
+    path.write_text("train_file: my.csv\noutput_dir: out\n")
+    assert parse_args([str(path)], {"corpus": "ag_news"})[1].corpus is None
+    path.write_text("output_dir: out\n")
+    assert parse_args([str(path)], {"corpus": "ag_news"})[1].corpus == "ag_news"
+
+
+def test_naming_a_corpus_and_files_is_refused_with_both_named(tiny_model_dir, data_dir, tmp_path):
+    train, _ = write_user_files(tmp_path / "my")
+    argv = tiny_argv(tiny_model_dir, tmp_path / "out", data_dir, "--train_file", str(train))
+    with pytest.raises(ValueError, match="train_file are for your own files, got them with corpus='ag_news'"):
+        main(argv=argv)
+
+
+def test_recipes_evaluate_on_trusted_rows_during_training(tiny_model_dir, data_dir, tmp_path):
+    argv = tiny_argv(tiny_model_dir, tmp_path, data_dir, "--method", "mlc", "--max_steps", "5")
+    argv += ["--num_clean_per_class", "12", "--validation_size", "16"]
+    results = main({**EVALUATION_DEFAULTS, "corpus": "ag_news"}, argv)
+    assert results["rows"] == {"train": 96, "clean": 32, "validation": 16, "test": 48}  # validation: trusted rows
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    evals = [entry["step"] for entry in state["log_history"] if "eval_accuracy" in entry]
+    assert evals[:5] == [1, 2, 3, 4, 5]  # eval_steps 0.2 of 5 steps, then the final do_eval
+    assert all("agreement_with_noisy" in entry for entry in state["log_history"] if "loss" in entry)
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_evaluation_defaults_leave_the_accuracy_benchmark_unchanged(data_dir, tmp_path):
+    """bench/accuracy.py runs recipes/train.py (EVALUATION_DEFAULTS): its explicit arguments must override them."""
+    from .test_bench import load
+
+    accuracy = load("accuracy")
+    args = accuracy.parse_args(["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl")])
+    path = tmp_path / "bench_args.json"
+    path.write_text(json.dumps(accuracy.recipe_arguments(accuracy.grid(args)[0], args, str(tmp_path))))
+    recipe = parse_args([str(path)], {**RECIPE_DEFAULTS, **EVALUATION_DEFAULTS})
+    plain = parse_args([str(path)], RECIPE_DEFAULTS)
+    assert recipe[:3] == plain[:3]  # model, data (validation_source, validation_size) and noise arguments
+    assert recipe[3].eval_strategy == plain[3].eval_strategy == "no"
+    changed = {
+        field.name
+        for field in dataclasses.fields(recipe[3])
+        if getattr(recipe[3], field.name) != getattr(plain[3], field.name)
+    }
+    assert changed <= {"eval_steps"}  # unused with eval_strategy "no"

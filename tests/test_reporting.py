@@ -8,6 +8,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from mlc_text import reporting
 from mlc_text.reporting import (
     format_results_table,
     plot_correction_matrix,
@@ -85,6 +86,28 @@ def test_plot_learning_curves(tmp_path):
     path = plot_learning_curves(history, tmp_path / "plots" / "curves.png")
     assert is_png(path)
     assert is_png(plot_learning_curves(history[:1], tmp_path / "loss_only.png"))
+
+
+def test_plot_learning_curves_with_what_happened_to_the_noisy_rows(tmp_path, monkeypatch):
+    history = [
+        {"loss": 1.2, "clean_loss": 1.1, "agreement_with_noisy": 0.4, "correction_accuracy": 0.5, "step": 10},
+        {"eval_accuracy": 0.6, "step": 10},
+        {"loss": 0.9, "clean_loss": 0.8, "agreement_with_noisy": 0.6, "correction_accuracy": 0.7, "step": 20},
+        {"eval_accuracy": 0.7, "step": 20},
+        {"loss": 0.8, "weight_on_corrupted": 0.2, "step": 30},
+    ]
+    drawn = []
+    monkeypatch.setattr(reporting, "_draw_panel", lambda axes, *panel: drawn.append(panel))
+    path = plot_learning_curves(history, tmp_path / "curves.png", eval_label="trusted rows", noisy_label_accuracy=0.7)
+    assert is_png(path)
+    titles = [title for title, *_ in drawn]
+    assert titles == ["losses", "accuracy", "noisy training rows"]
+    _, _, accuracy, _ = drawn[1]
+    assert accuracy == {"trusted rows": [(10, 0.6), (20, 0.7)]}  # one point per evaluation, not a single one
+    _, _, noisy_rows, references = drawn[2]
+    assert noisy_rows["corrected label = given label"] == [(10, 0.4), (20, 0.6)]
+    assert noisy_rows["L2RW weight on corrupted rows"] == [(30, 0.2)]
+    assert references == {"given labels right": 0.7, "corrupted share": pytest.approx(0.3)}
 
 
 def test_plot_learning_curves_nothing_to_plot(tmp_path):
