@@ -27,7 +27,7 @@ meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`Lo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,21 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .meta_net import capture_head_features
+from .virtual_step import (  # the optimizer mirror lives in virtual_step.py; its names stay importable from here
+    SUPPORTED_OPTIMIZERS,
+    ParamDict,
+    VirtualRates,
+    _adam_moments,  # noqa: F401
+    _adam_step,  # noqa: F401
+    _param_groups,  # noqa: F401
+    _sgd_rate,  # noqa: F401
+    _sgd_step,  # noqa: F401
+    check_optimizer,
+    clip_coefficient,
+    scaled_direction,
+    unwrap_optimizer,
+    virtual_step,
+)
 
 __all__ = [
     "ParamDict",
@@ -47,6 +62,8 @@ __all__ = [
     "clip_coefficient",
     "VirtualRates",
     "virtual_step",
+    "scaled_direction",
+    "LossScale",
     "loss_and_grads",
     "logits_jvp",
     "logits_finite_difference",
@@ -61,9 +78,7 @@ __all__ = [
     "l2rw_weights",
 ]
 
-ParamDict = dict[str, torch.Tensor]
 Reduce = Callable[[list[torch.Tensor]], None]
-SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
 
 
@@ -83,174 +98,46 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets.to(logits.dtype) * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside an accelerate `AcceleratedOptimizer` (or the optimizer itself)."""
-    while type(optimizer) not in SUPPORTED_OPTIMIZERS and isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def check_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+class LossScale:
     """
-    Checks that the virtual step can reproduce `optimizer`'s update.
-
-    Raises:
-        ValueError: for optimizers other than SGD, Adam and AdamW, and for `maximize=True`.
-    """
-    inner = unwrap_optimizer(optimizer)
-    if type(inner) not in SUPPORTED_OPTIMIZERS:
-        raise ValueError(
-            f"MLC's virtual step supports the main optimizers torch.optim.SGD, Adam and AdamW "
-            f"(optim='sgd', 'adamw_torch' or 'adamw_torch_fused'), got {type(inner).__name__}"
-        )
-    for group in inner.param_groups:
-        if group.get("maximize", False):
-            raise ValueError("MLC's virtual step does not support maximize=True in the main optimizer")
-    return inner
-
-
-def _param_groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
-    return {id(param): group for group in optimizer.param_groups for param in group["params"]}
-
-
-def clip_coefficient(grads: ParamDict, max_grad_norm: float | None) -> float:
-    """
-    The factor `torch.nn.utils.clip_grad_norm_` (the `Trainer`'s `max_grad_norm`) scales the gradient by:
-    `min(1, max_grad_norm / (total 2-norm + 1e-6))`, or 1 when `max_grad_norm` is `None` or <= 0. A plain float: the
-    virtual step holds it constant, as it holds L constant.
-    """
-    if max_grad_norm is None or max_grad_norm <= 0:
-        return 1.0
-    total = torch.nn.utils.get_total_norm([grad.detach() for grad in grads.values()]).item()
-    return min(1.0, max_grad_norm / (total + 1e-6))
-
-
-def _sgd_rate(group, state, coef: float) -> float:
-    # d(update)/d(raw gradient) of torch.optim.SGD on the clipped gradient coef * grad: lr x (coef, x (1 - dampening)
-    # once a momentum buffer exists, + momentum x that for Nesterov).
-    scale = coef
-    if group["momentum"] and state.get("momentum_buffer") is not None:
-        scale = coef * (1.0 - group["dampening"])
-    if group["momentum"] and group["nesterov"]:
-        scale = coef + group["momentum"] * scale
-    return float(group["lr"]) * scale
-
-
-def _sgd_step(param, grad, group, state, coef: float = 1.0) -> torch.Tensor:
-    # Mirrors torch.optim.SGD (whose first step copies the gradient into the momentum buffer, undampened), on the
-    # clipped gradient coef * grad.
-    lr, momentum, dampening = float(group["lr"]), group["momentum"], group["dampening"]
-    if coef != 1.0:
-        grad = coef * grad
-    direction = grad + group["weight_decay"] * param if group["weight_decay"] else grad
-    if momentum:
-        buffer = state.get("momentum_buffer")
-        new_buffer = direction if buffer is None else momentum * buffer + (1 - dampening) * direction
-        direction = direction + momentum * new_buffer if group["nesterov"] else new_buffer
-    return param - lr * direction
-
-
-def _adam_moments(param, grad, group, state, decoupled: bool, coef: float, first: bool = True):
-    # Adam's input gradient (clipped, plus L2 decay for Adam), the bias-corrected denominator of the next step and
-    # (if `first`) the new first moment, as torch.optim.Adam / AdamW compute them.
-    (beta1, beta2), eps, weight_decay = group["betas"], group["eps"], group["weight_decay"]
-    step = float(state["step"]) + 1 if "step" in state else 1.0
-    if coef != 1.0:
-        grad = coef * grad
-    if weight_decay and not decoupled:
-        grad = grad + weight_decay * param
-    exp_avg_sq = state.get("exp_avg_sq")
-    square = grad.detach().square()
-    new_exp_avg_sq = (1 - beta2) * square if exp_avg_sq is None else beta2 * exp_avg_sq + (1 - beta2) * square
-    del square
-    if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-        new_exp_avg_sq = torch.maximum(state["max_exp_avg_sq"], new_exp_avg_sq)
-    denom = new_exp_avg_sq.sqrt_().div_((1 - beta2**step) ** 0.5).add_(eps)
-    new_exp_avg = None
-    if first:
-        exp_avg = state.get("exp_avg")
-        new_exp_avg = (1 - beta1) * grad if exp_avg is None else beta1 * exp_avg + (1 - beta1) * grad
-    return denom, new_exp_avg, 1 - beta1**step
-
-
-def _adam_step(param, grad, group, state, decoupled: bool, coef: float = 1.0) -> torch.Tensor:
-    # Mirrors torch.optim.Adam / AdamW on the clipped gradient coef * grad.
-    lr, weight_decay = float(group["lr"]), group["weight_decay"]
-    denom, new_exp_avg, bias_correction1 = _adam_moments(param, grad, group, state, decoupled, coef)
-    base = param * (1 - lr * weight_decay) if decoupled else param
-    return base - (lr / bias_correction1) * new_exp_avg / denom
-
-
-class VirtualRates(Mapping):
-    """
-    The diagonal L = dw'/dgrad of a virtual step, by parameter name: a float for SGD, a tensor for Adam / AdamW
-    (its preconditioner, held constant). Computed when read, from the optimizer state and the gradient the virtual
-    step used, so that no parameter-sized copy of L is held while w' is: read it before the real step, and leave
-    the gradient unchanged until then.
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], grads: ParamDict, coef, groups
-    ):
-        self.optimizer, self.params, self.grads, self.coef, self.groups = optimizer, params, grads, coef, groups
-
-    def __getitem__(self, name: str) -> torch.Tensor | float:
-        param = self.params[name]
-        group, state = self.groups[id(param)], self.optimizer.state.get(param, {})
-        if isinstance(self.optimizer, torch.optim.SGD):
-            return _sgd_rate(group, state, self.coef)
-        decoupled = isinstance(self.optimizer, torch.optim.AdamW)
-        beta1 = group["betas"][0]
-        denom, _, bias_correction1 = _adam_moments(
-            param.detach(), self.grads[name].detach(), group, state, decoupled, self.coef, first=False
-        )
-        return denom.reciprocal_().mul_(float(group["lr"]) * (1 - beta1) * self.coef / bias_correction1)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-
-def virtual_step(
-    params: dict[str, torch.Tensor],
-    grads: ParamDict,
-    optimizer: torch.optim.Optimizer,
-    max_grad_norm: float | None = None,
-) -> tuple[ParamDict, VirtualRates]:
-    """
-    The main optimizer's next update applied out of place: w' = w - step(clip(grad)), with its current state,
-    param-group hyper-parameters and learning rate (so schedules apply to the virtual step too), and the gradient
-    clipped by its global norm as the `Trainer` clips it before the real step (`max_grad_norm`). w' is then the very
-    weights the real step reaches with the same gradient.
+    fp16 loss scaling of hand-computed gradients, as `torch.amp.GradScaler` does it for `.backward()`: each loss is
+    multiplied by `scale` before its backward, each gradient divided by it after, and every inf or NaN met while
+    dividing is recorded, so that the step can be skipped ([`LossScale.found_inf`]).
 
     Args:
-        params: the trainable parameters by name (as registered in `optimizer`).
-        grads: the gradient for each parameter (may carry a graph; w' then does too).
-        optimizer: a torch SGD, Adam or AdamW (or an accelerate wrapper of one).
-        max_grad_norm: the clipping threshold of the real step (`None` or <= 0: no clipping). The clip factor is held
-            constant (it enters L).
-
-    Returns:
-        `(virtual_params, virtual_lr)`: w' by name, and the diagonal L = dw'/dgrad by name ([`VirtualRates`]: a
-        float for SGD, a tensor for Adam, computed when read).
+        scale: the current scale, a float or a one-element tensor (`GradScaler.scale(torch.ones(()))` gives it
+            without a host sync).
+        device: where the gradients live.
     """
-    inner = check_optimizer(optimizer)
-    groups = _param_groups(inner)
-    coef = clip_coefficient(grads, max_grad_norm)
-    virtual_params = {}
-    for name, param in params.items():
-        group, state = groups[id(param)], inner.state.get(param, {})
-        weight = param.detach()
-        if isinstance(inner, torch.optim.SGD):
-            virtual_params[name] = _sgd_step(weight, grads[name], group, state, coef)
-        else:
-            decoupled = isinstance(inner, torch.optim.AdamW)
-            virtual_params[name] = _adam_step(weight, grads[name], group, state, decoupled, coef)
-    return virtual_params, VirtualRates(inner, params, grads, coef, groups)
+
+    def __init__(self, scale: float | torch.Tensor, device: torch.device | str = "cpu"):
+        self.scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(())
+        self._inverse = self.scale.double().reciprocal().float()  # as GradScaler computes it
+        self._found_inf = torch.zeros(1, device=device)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale.to(loss.dtype)
+
+    def unscale_(self, tensors: list[torch.Tensor]) -> None:
+        """Divides `tensors` by the scale in place, recording whether any value is inf or NaN."""
+        if tensors:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, self._found_inf, self._inverse)
+
+    def found_inf(self, reduce: Reduce | None = None) -> bool:
+        """Whether any unscaled value was inf or NaN, on any process (`reduce` averages the flag across them)."""
+        flag = self._found_inf.clone()
+        if reduce is not None:
+            reduce([flag])
+        return bool(flag.item() > 0)
+
+
+def _scaled(loss: torch.Tensor, loss_scale: LossScale | None) -> torch.Tensor:
+    return loss if loss_scale is None else loss_scale.scale_loss(loss)
+
+
+def _unscale_(grads: ParamDict | list[torch.Tensor], loss_scale: LossScale | None) -> None:
+    if loss_scale is not None:
+        loss_scale.unscale_(list(grads.values()) if isinstance(grads, dict) else grads)
 
 
 def loss_and_grads(
@@ -260,13 +147,15 @@ def loss_and_grads(
     params: dict[str, torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     weights: torch.Tensor | None = None,
+    loss_scale: LossScale | None = None,
 ) -> tuple[torch.Tensor, ParamDict]:
     """
     Cross-entropy of `model` on a labelled batch and its gradient, at the model's own weights or at `params`: the
-    mean over rows, or `sum_i weights_i * loss_i` when per-row `weights` are given.
+    mean over rows, or `sum_i weights_i * loss_i` when per-row `weights` are given. With `loss_scale` (fp16), the
+    backward runs on the scaled loss and the gradient is unscaled (inf / NaN recorded in `loss_scale`).
 
     Returns:
-        `(loss, grads)`: the detached mean loss and the detached gradient by parameter name.
+        `(loss, grads)`: the detached (unscaled) loss and the detached gradient by parameter name.
     """
     if params is None:
         leaves = trainable_parameters(model)
@@ -281,8 +170,9 @@ def loss_and_grads(
     else:
         losses = nn.functional.cross_entropy(_upcast(logits), labels, reduction="none")
         loss = (weights.to(losses.dtype) * losses).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return loss.detach(), _named(leaves, grads)
+    grads = _named(leaves, torch.autograd.grad(_scaled(loss, loss_scale), list(leaves.values()), allow_unused=True))
+    _unscale_(grads, loss_scale)
+    return loss.detach(), grads
 
 
 def _named(leaves: dict[str, torch.Tensor], grads) -> ParamDict:
@@ -329,17 +219,20 @@ def logits_jvp(
     primals = tuple(params[name].detach() for name in names)
     # The product is linear in the tangent: run it at unit norm, so that tiny steps (learning rate x gradient)
     # neither underflow in half precision nor lose bits, and scale back afterwards.
-    norm = torch.sqrt(sum(tangents[name].float().square().sum() for name in names))
+    norm = _total_norm([tangents[name] for name in names])
     if norm == 0:
         norm = torch.ones_like(norm)  # zero tangent: the product is zero either way
 
     def logits_at(*values):
         return functional_call(model, dict(zip(names, values)), args=(), kwargs=inputs).logits
 
+    scaled = [tangents[name] for name in names]
     if overwrite_tangents:
-        unit = tuple(tangents[name].div_(norm).to(value.dtype) for name, value in zip(names, primals))
+        torch._foreach_div_(scaled, norm.to(scaled[0].dtype))
     else:
-        unit = tuple((tangents[name] / norm).to(value.dtype) for name, value in zip(names, primals))
+        scaled = torch._foreach_div(scaled, norm.to(scaled[0].dtype))
+    unit = tuple(tangent.to(value.dtype) for tangent, value in zip(scaled, primals))
+    del scaled
     with sdpa_kernel([SDPBackend.MATH]), autocast():
         logits, tangent_out = torch.func.jvp(logits_at, primals, unit)
     del unit
@@ -353,10 +246,15 @@ def finite_difference_step(params: dict[str, torch.Tensor], dtype: torch.dtype, 
     rounding (which grows as h shrinks) against curvature (which grows with h) for weights of that size.
     """
     eps = torch.finfo(dtype).eps
-    total = sum(param.detach().float().square().sum() for param in params.values())
     count = sum(param.numel() for param in params.values())
-    rms = torch.sqrt(total / max(count, 1)).item()
+    rms = (_total_norm([param.detach() for param in params.values()]) / max(count, 1) ** 0.5).item()
     return eps ** (1 / 3 if central else 1 / 2) * (1.0 + rms)
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of the concatenation of `tensors`, in float32 at least, by multi-tensor ops."""
+    norms = torch._foreach_norm(tensors, dtype=torch.promote_types(tensors[0].dtype, torch.float32))
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def logits_finite_difference(
@@ -376,21 +274,22 @@ def logits_finite_difference(
     `rng_state` (the one the logits at w were computed with, so that dropout draws the same masks), and writes no
     parameter: the shifted weights are a copy, read through `functional_call`.
     """
-    names = list(params)
-    norm = torch.sqrt(sum(tangents[name].float().square().sum() for name in names))
     if logits is None and not central:
         raise ValueError("the forward difference needs the logits at w (pass logits, or central=True)")
-    logits_dtype = logits.dtype if logits is not None else next(iter(params.values())).dtype
+    names = list(params)
+    weights = [params[name].detach() for name in names]
+    directions = [tangents[name].to(weight.dtype) for name, weight in zip(names, weights)]
+    norm = _total_norm(directions)
+    logits_dtype = logits.dtype if logits is not None else weights[0].dtype
     step = finite_difference_step(params, logits_dtype, central)
     scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # a zero tangent gives a zero product
 
     def logits_at(sign: float) -> torch.Tensor:
-        shifted = {
-            name: params[name].detach() + (sign * scale) * tangents[name].to(params[name].dtype) for name in names
-        }
+        shifted = torch._foreach_mul(directions, (sign * scale).to(weights[0].dtype))
+        torch._foreach_add_(shifted, weights)
         rng = _replay_rng(rng_state) if rng_state is not None else contextlib.nullcontext()
         with torch.no_grad(), rng, autocast():
-            return _upcast(functional_call(model, shifted, args=(), kwargs=inputs).logits)
+            return _upcast(functional_call(model, dict(zip(names, shifted)), args=(), kwargs=inputs).logits)
 
     if central:
         return (logits_at(1.0) - logits_at(-1.0)) * (norm / (2 * step))
@@ -507,6 +406,8 @@ class MetaStepOutput:
         corrected_labels: the corrector's soft labels for the noisy batch.
         gamma: the look-ahead discount, or `None` when it was not needed.
         clean_pass: the clean batch's loss and gradient g' at w' (unscaled), when `keep_clean_pass` was asked.
+        overflow: under fp16 loss scaling, whether any gradient of the step held an inf or NaN (on any process): the
+            step must then be skipped for both nets. Always `False` without `loss_scale`.
     """
 
     main_grads: ParamDict
@@ -516,6 +417,7 @@ class MetaStepOutput:
     corrected_labels: torch.Tensor
     gamma: torch.Tensor | None = None
     clean_pass: CleanPass | None = None
+    overflow: bool = False
 
 
 def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
@@ -523,10 +425,14 @@ def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
         reduce(list(grads.values()))
 
 
+def _found_inf(loss_scale: LossScale | None, reduce: Reduce | None) -> bool:
+    return loss_scale is not None and loss_scale.found_inf(reduce)
+
+
 @dataclass
 class _MainPass:
     params: dict[str, nn.Parameter]
-    noisy_grads: ParamDict  # the noisy part's gradient with its graph (create_graph); else it aliases main_grads
+    noisy_grads: ParamDict  # the noisy part's gradient with its graph (create_graph; loss-scaled); else main_grads
     main_grads: ParamDict
     main_loss: torch.Tensor
     clean_grads: ParamDict | None
@@ -536,7 +442,16 @@ class _MainPass:
 
 
 def _main_loss_and_grads(
-    model, corrector, head, batch: MetaBatch, clean_in_main_loss, need_clean_grads, create_graph, autocast, carried
+    model,
+    corrector,
+    head,
+    batch: MetaBatch,
+    clean_in_main_loss,
+    need_clean_grads,
+    create_graph,
+    autocast,
+    carried,
+    loss_scale: LossScale | None = None,
 ) -> _MainPass:
     """
     Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels), and grads.
@@ -556,10 +471,16 @@ def _main_loss_and_grads(
     num_clean = carried.num_rows if use_carried else len(batch.clean_labels)
     noisy_weight = num_noisy / (num_noisy + num_clean) if clean_in_main_loss else 1.0
     grads = torch.autograd.grad(
-        noisy_weight * noisy_loss, list(params.values()), create_graph=create_graph, allow_unused=True
+        _scaled(noisy_weight * noisy_loss, loss_scale),
+        list(params.values()),
+        create_graph=create_graph,
+        allow_unused=True,
     )
     noisy_grads = _named(params, grads)
     main_grads = {name: grad.detach() for name, grad in noisy_grads.items()}
+    if loss_scale is not None and create_graph:  # `noisy_grads` stay scaled: the proxy's backward unscales
+        main_grads = {name: grad.clone() for name, grad in main_grads.items()}
+    _unscale_(main_grads, loss_scale)
     main_loss = noisy_weight * noisy_loss.detach()
     clean_grads = None
     if clean_in_main_loss or need_clean_grads:
@@ -567,15 +488,15 @@ def _main_loss_and_grads(
             clean_loss_at_w, clean_grads = carried.loss, carried.grads
         else:
             clean_loss_at_w, clean_grads = loss_and_grads(
-                model, batch.clean_inputs, batch.clean_labels, autocast=autocast
+                model, batch.clean_inputs, batch.clean_labels, autocast=autocast, loss_scale=loss_scale
             )
         if clean_in_main_loss:
             main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
             if create_graph:  # `noisy_grads` must stay as they are (they carry the graph the meta-gradient needs)
                 main_grads = {name: g + (1 - noisy_weight) * clean_grads[name] for name, g in main_grads.items()}
             else:  # fresh tensors of autograd.grad, read nowhere else: add in place, no second copy of the gradient
-                for name, grad in main_grads.items():
-                    grad.add_(clean_grads[name], alpha=1 - noisy_weight)
+                grads = list(main_grads.values())
+                torch._foreach_add_(grads, [clean_grads[name] for name in main_grads], alpha=1 - noisy_weight)
         if not need_clean_grads:
             clean_grads = None  # only the look-ahead discount reads them: free them now
     return _MainPass(
@@ -593,18 +514,20 @@ def corrected_label_step(
     reduce: Reduce | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     carried_clean_pass: CleanPass | None = None,
+    loss_scale: LossScale | None = None,
 ) -> MetaStepOutput:
     """
     The main-net half of a step without the meta step (between meta updates, `meta_update_interval > 1`): the
     gradient of the main loss against the current corrector's labels. `meta_grads` is empty, `clean_loss` is NaN.
-    `carried_clean_pass`: as in [`meta_step`].
+    `carried_clean_pass`, `loss_scale`: as in [`meta_step`].
     """
     main = _main_loss_and_grads(
-        model, corrector, head, batch, clean_in_main_loss, False, False, autocast, carried_clean_pass
+        model, corrector, head, batch, clean_in_main_loss, False, False, autocast, carried_clean_pass, loss_scale
     )
     _reduce_dict(reduce, main.main_grads)
     nan = torch.tensor(float("nan"))
-    return MetaStepOutput(main.main_grads, [], main.main_loss, nan, main.corrected.detach(), None)
+    overflow = _found_inf(loss_scale, reduce)
+    return MetaStepOutput(main.main_grads, [], main.main_loss, nan, main.corrected.detach(), None, overflow=overflow)
 
 
 def meta_step(
@@ -622,6 +545,7 @@ def meta_step(
     max_grad_norm: float | None = None,
     carried_clean_pass: CleanPass | None = None,
     keep_clean_pass: bool = False,
+    loss_scale: LossScale | None = None,
 ) -> MetaStepOutput:
     """
     One MLC meta step: main loss at w, virtual step, clean loss at w', meta-gradient. Neither net is updated here.
@@ -645,6 +569,9 @@ def meta_step(
             the look-ahead discount needs this batch's own clean gradient at w.
         keep_clean_pass: return the clean loss and gradient at w' as `clean_pass` (costs one parameter-sized copy,
             kept until the caller drops it).
+        loss_scale: fp16 loss scaling ([`LossScale`]): every backward (main loss, clean loss at w', the
+            meta-gradient's) runs on a scaled loss and its gradient is unscaled; every gradient returned is unscaled,
+            and `overflow` tells whether any held an inf or NaN.
     """
     if meta_gradient not in META_GRADIENTS:
         raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {meta_gradient!r}")
@@ -654,62 +581,76 @@ def meta_step(
     need_discount = lookahead is not None and lookahead.needs_discount
     rng_before_noisy = _rng_state(batch.noisy_labels.device)
     main = _main_loss_and_grads(
-        model, corrector, head, batch, clean_in_main_loss, need_discount, reference, autocast, carried_clean_pass
+        model,
+        corrector,
+        head,
+        batch,
+        clean_in_main_loss,
+        need_discount,
+        reference,
+        autocast,
+        carried_clean_pass,
+        loss_scale,
     )
     carried_clean_pass = None  # its gradient is in main_grads now; do not hold it longer
-    params, main_grads, clean_grads, corrected = main.params, main.main_grads, main.clean_grads, main.corrected
+    params, main_grads, corrected = main.params, main.main_grads, main.corrected
     _reduce_dict(reduce, main_grads)
-    _reduce_dict(reduce, clean_grads)
+    _reduce_dict(reduce, main.clean_grads)
 
     virtual_params, virtual_lr = virtual_step(params, main_grads, optimizer, max_grad_norm)
     meta_inputs, meta_labels = batch.objective
     clean_loss, clean_grads_virtual = loss_and_grads(
-        model, meta_inputs, meta_labels, params=virtual_params, autocast=autocast
+        model, meta_inputs, meta_labels, params=virtual_params, autocast=autocast, loss_scale=loss_scale
     )
     del virtual_params  # w' is needed for the clean pass only; free it before the meta-gradient's pass
     _reduce_dict(reduce, clean_grads_virtual)
     clean_pass = CleanPass(clean_loss, clean_grads_virtual, len(meta_labels)) if keep_clean_pass else None
-    # v = L * g' and, with the look-ahead, gamma's terms, reading each parameter's L once (for Adam it is computed
-    # when read). Unless the clean pass is kept, g' is read nowhere else: scale it in place instead of copying it.
-    direction, numerator, norm_sq = {}, 0.0, 0.0
-    for name, grad in clean_grads_virtual.items():
-        rate = virtual_lr[name]
-        if need_discount:
-            term, square = _discount_terms(clean_grads.pop(name), grad, rate)  # free g as it is read
-            numerator, norm_sq = numerator + term, norm_sq + square
-        direction[name] = rate * grad if keep_clean_pass else grad.mul_(rate)
+    # v = L * g' and, with the look-ahead, gamma's terms, reading L a chunk at a time (for Adam it is computed when
+    # read). Unless the clean pass is kept, g' is read nowhere else: scale it in place instead of copying it.
+    direction, numerator, norm_sq = scaled_direction(
+        clean_grads_virtual, virtual_lr, in_place=not keep_clean_pass, clean_grads=main.clean_grads
+    )
     gamma = _discount(numerator, norm_sq) if need_discount else None
     del clean_grads_virtual, virtual_lr
-    clean_grads = main.clean_grads = None
+    main.clean_grads = None
 
     meta_params = [param for param in corrector.parameters() if param.requires_grad]
     if reference:
         proxy = -sum((main.noisy_grads[name] * direction[name]).sum() for name in params)
         meta_grads = torch.autograd.grad(proxy, meta_params, allow_unused=True)
     else:
-        if meta_gradient == "jvp":
-            with _replay_rng(rng_before_noisy):
-                directional = logits_jvp(
-                    model, params, batch.noisy_inputs, direction, autocast=autocast, overwrite_tangents=True
-                )
-        else:
-            directional = logits_finite_difference(
-                model,
-                params,
-                batch.noisy_inputs,
-                direction,
-                main.noisy_logits,
-                autocast=autocast,
-                central=meta_gradient == "fd_central",
-                rng_state=rng_before_noisy,
-            )
+        directional = _directional_derivative(
+            model, params, batch, direction, main.noisy_logits, meta_gradient, autocast, rng_before_noisy
+        )
         del direction
         upstream = (main.noisy_weight / len(batch.noisy_labels)) * directional.to(corrected.dtype)
+        upstream = _scaled(upstream, loss_scale)
         meta_grads = torch.autograd.grad(corrected, meta_params, grad_outputs=upstream, allow_unused=True)
     meta_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, meta_grads)]
+    _unscale_(meta_grads, loss_scale)
     if reduce is not None:
         reduce(meta_grads)
-    return MetaStepOutput(main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma, clean_pass)
+    overflow = _found_inf(loss_scale, reduce)
+    return MetaStepOutput(
+        main_grads, meta_grads, main.main_loss, clean_loss, corrected.detach(), gamma, clean_pass, overflow
+    )
+
+
+def _directional_derivative(model, params, batch, direction, noisy_logits, meta_gradient, autocast, rng_state):
+    """J v of the noisy batch's logits along `direction` (consumed), by forward mode or finite differences."""
+    if meta_gradient == "jvp":
+        with _replay_rng(rng_state):
+            return logits_jvp(model, params, batch.noisy_inputs, direction, autocast=autocast, overwrite_tangents=True)
+    return logits_finite_difference(
+        model,
+        params,
+        batch.noisy_inputs,
+        direction,
+        noisy_logits,
+        autocast=autocast,
+        central=meta_gradient == "fd_central",
+        rng_state=rng_state,
+    )
 
 
 def l2rw_weights(
@@ -719,6 +660,7 @@ def l2rw_weights(
     *,
     reduce: Reduce | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_scale: LossScale | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Learning to Reweight (Ren et al., 2018) with the same virtual-step machinery: per-example weights of the noisy
@@ -726,7 +668,8 @@ def l2rw_weights(
 
     With eps = 0 the virtual step sees a zero gradient, so w' = virtual_step(w, 0) and
     -dL_clean(w')/deps_i = <dl_i/dw, L g'> = (softmax(z_i) - onehot(y_i)) . (J_i v), v = L g': one forward-mode pass.
-    Weights are the positive part, normalised to sum to 1 over the global batch (all processes).
+    Weights are the positive part, normalised to sum to 1 over the global batch (all processes). With `loss_scale`
+    (fp16), the clean gradient at w' comes from a scaled loss and is unscaled (inf / NaN recorded there).
 
     Returns:
         `(weights, clean_loss)`: detached weights of shape `(batch,)` and the clean loss at w'.
@@ -735,10 +678,12 @@ def l2rw_weights(
     zeros = {name: torch.zeros_like(param) for name, param in params.items()}
     virtual_params, virtual_lr = virtual_step(params, zeros, optimizer)
     clean_loss, clean_grads_virtual = loss_and_grads(
-        model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast
+        model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast, loss_scale=loss_scale
     )
+    del virtual_params
     _reduce_dict(reduce, clean_grads_virtual)
-    direction = {name: virtual_lr[name] * grad for name, grad in clean_grads_virtual.items()}
+    direction, _, _ = scaled_direction(clean_grads_virtual, virtual_lr)
+    del clean_grads_virtual, virtual_lr, zeros
     logits, directional = logits_jvp(model, params, batch.noisy_inputs, direction, autocast, return_logits=True)
     logits = _upcast(logits.detach())
     residual = torch.softmax(logits, dim=-1) - nn.functional.one_hot(batch.noisy_labels, logits.shape[-1])

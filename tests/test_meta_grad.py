@@ -466,3 +466,86 @@ def test_adam_rates_are_the_preconditioner_of_the_real_step():
         denom = state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5 + eps
         expected = coef * lr * (1 - beta1) / ((1 - beta1**step) * denom)
         torch.testing.assert_close(read[name], expected, msg=name)
+
+
+def make_optimizer(model, name):
+    """The optimizers the multi-tensor virtual step must mirror, with a state as mid-training (or none: `fresh`)."""
+    if name in ("sgd", "sgd_dampened", "adamw"):
+        return None  # make_setup's own
+    params = list(model.parameters())
+    if name == "sgd_plain":
+        return torch.optim.SGD(params, lr=0.5)
+    if name == "adam_amsgrad_l2":  # Adam's L2 decay enters the gradient; amsgrad keeps the running maximum
+        return torch.optim.Adam(params, lr=1e-2, weight_decay=0.01, amsgrad=True)
+    if name == "adamw_two_groups":  # as the Trainer builds it: no decay on biases and LayerNorm weights
+        decay = [param for param in params if param.dim() > 1]
+        rest = [param for param in params if param.dim() <= 1]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}])
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize(
+    "optimizer_name", ["sgd", "sgd_dampened", "sgd_plain", "adamw", "adam_amsgrad_l2", "adamw_two_groups"]
+)
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_multi_tensor_virtual_step_equals_the_per_tensor_one(optimizer_name, fresh, clipped):
+    # The multi-tensor ops must compute the per-tensor arithmetic op for op: w', L, v = L g' and gamma's terms.
+    from mlc_text.virtual_step import _chunks, scaled_direction
+
+    model, _, optimizer, batch = make_setup("adamw" if optimizer_name.startswith("adam") else optimizer_name)
+    optimizer = make_optimizer(model, optimizer_name) or optimizer
+    params = trainable_parameters(model)
+    if not fresh:  # a state, as mid-training (`fresh`: the first step, no state yet)
+        _, grads = loss_and_grads(model, batch.noisy_inputs, batch.noisy_labels)
+        for name, param in params.items():
+            param.grad = grads[name]
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(_chunks(optimizer, params, {id(p): g for g in optimizer.param_groups for p in g["params"]})) > 1
+    _, grads = loss_and_grads(model, batch.clean_inputs, batch.clean_labels)
+    norm = torch.sqrt(sum(g.square().sum() for g in grads.values())).item()
+    max_grad_norm = 0.3 * norm if clipped else None
+    per_tensor, rates = virtual_step(params, grads, optimizer, max_grad_norm, foreach=False)
+    multi_tensor, chunked_rates = virtual_step(params, grads, optimizer, max_grad_norm, foreach=True)
+    assert list(multi_tensor) == list(per_tensor)
+    for name in params:
+        torch.testing.assert_close(multi_tensor[name], per_tensor[name], rtol=1e-15, atol=0, msg=name)
+    read = dict(rates)
+    for names, chunk in chunked_rates.chunks():
+        for name, rate in zip(names, [chunk] * len(names) if isinstance(chunk, float) else chunk):
+            if isinstance(rate, float):  # SGD: one rate per param group
+                assert rate == read[name]
+            else:
+                torch.testing.assert_close(rate, read[name], rtol=1e-15, atol=0, msg=name)
+
+    # v = L g' and the look-ahead discount's terms, against the per-tensor loop they replace.
+    _, clean_grads_virtual = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, params=per_tensor)
+    _, clean_grads = loss_and_grads(model, batch.noisy_inputs, batch.noisy_labels)
+    expected = {name: read[name] * grad for name, grad in clean_grads_virtual.items()}
+    gamma = discount_factor(clean_grads, clean_grads_virtual, read)
+    direction, numerator, norm_sq = scaled_direction(
+        clean_grads_virtual, rates, in_place=False, clean_grads=clean_grads
+    )
+    torch.testing.assert_close(numerator / norm_sq, gamma, rtol=1e-13, atol=0)
+    assert clean_grads == {}, "the clean gradient at w is dropped as it is read"
+    for name in params:
+        torch.testing.assert_close(direction[name], expected[name], rtol=1e-15, atol=0, msg=name)
+    in_place, _, _ = scaled_direction(clean_grads_virtual, rates)
+    assert all(in_place[name] is clean_grads_virtual[name] for name in params)  # v formed in g', no copy
+    for name in params:
+        torch.testing.assert_close(in_place[name], expected[name], rtol=1e-15, atol=0, msg=name)
+
+
+def test_virtual_step_carrying_a_graph_takes_the_per_tensor_path():
+    # The literal double backward differentiates through w'; L stays constant (no graph through Adam's denominator).
+    model, _, optimizer, batch = make_setup("adamw")
+    params = trainable_parameters(model)
+    logits = model(**batch.clean_inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits, batch.clean_labels)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+    virtual_params, _ = virtual_step(params, grads, optimizer)
+    expected, _ = virtual_step(params, grads, optimizer, foreach=True)
+    for name in params:
+        assert virtual_params[name].requires_grad
+        torch.testing.assert_close(virtual_params[name], expected[name], rtol=1e-15, atol=0)
