@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .meta_grad import MetaBatch, l2rw_weights, loss_and_grads
-from .trainer import CleanDataTrainer
+from .meta_grad import LossScale, MetaBatch, l2rw_weights, loss_and_grads
+from .trainer import CleanDataTrainer, install_cpu_grad_scaler
 
 __all__ = [
     "CleanBatchFinetuneTrainer",
@@ -45,6 +45,7 @@ class FinetuneTrainer(Trainer):
         # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
         # gradient accumulation (and multiply it by the world size).
         self.model_accepts_loss_kwargs = False
+        install_cpu_grad_scaler(self.accelerator)  # fp16 on CPU as on a GPU (accelerate gives it neither there)
 
 
 @torch.no_grad()
@@ -117,19 +118,23 @@ def _add_clean_term(
     clean_inputs: dict[str, torch.Tensor],
     clean_labels: torch.Tensor,
     autocast=contextlib.nullcontext,
+    loss_scale: LossScale | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Adds a step's clean batch to its main loss, as MLC does: `share * noisy + (1 - share) * clean` with `share =
     num_noisy / (num_noisy + clean rows)`. `noisy_grads` (fresh from [`loss_and_grads`], read nowhere else) become the
-    gradient of that loss in place, so no second copy of the gradient is made.
+    gradient of that loss in place, so no second copy of the gradient is made. `loss_scale`: as in `loss_and_grads`.
 
     Returns:
         `(main loss, the clean batch's loss at the model's weights)`, both detached.
     """
     share = num_noisy / (num_noisy + len(clean_labels))
-    clean_loss, clean_grads = loss_and_grads(model, clean_inputs, clean_labels, autocast=autocast)
-    for name, grad in noisy_grads.items():
-        grad.mul_(share).add_(clean_grads[name], alpha=1 - share)
+    clean_loss, clean_grads = loss_and_grads(
+        model, clean_inputs, clean_labels, autocast=autocast, loss_scale=loss_scale
+    )
+    grads = list(noisy_grads.values())
+    torch._foreach_mul_(grads, share)
+    torch._foreach_add_(grads, [clean_grads[name] for name in noisy_grads], alpha=1 - share)
     return share * noisy_loss + (1 - share) * clean_loss, clean_loss
 
 
@@ -158,18 +163,31 @@ class L2RWTrainer(CleanDataTrainer):
         noisy_labels = inputs.pop("labels")
         batch = MetaBatch(inputs, noisy_labels, *self.next_clean_batch())
         unwrapped = self.accelerator.unwrap_model(model)
-        autocast = self.compute_loss_context_manager
-        weights, clean_loss = l2rw_weights(unwrapped, batch, self.optimizer, reduce=self.reduce, autocast=autocast)
-        noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast, weights=weights)
+        autocast, scale = self.compute_loss_context_manager, self.loss_scale()
+        weights, clean_loss = l2rw_weights(
+            unwrapped, batch, self.optimizer, reduce=self.reduce, autocast=autocast, loss_scale=scale
+        )
+        noisy_loss, grads = loss_and_grads(
+            unwrapped, inputs, noisy_labels, autocast=autocast, weights=weights, loss_scale=scale
+        )
         loss = noisy_loss
         if self.args.clean_in_main_loss:
             loss, _ = _add_clean_term(
-                unwrapped, len(noisy_labels), noisy_loss, grads, batch.clean_inputs, batch.clean_labels, autocast
+                unwrapped,
+                len(noisy_labels),
+                noisy_loss,
+                grads,
+                batch.clean_inputs,
+                batch.clean_labels,
+                autocast,
+                scale,
             )
         if self.reduce is not None:
             self.reduce(list(grads.values()))
-        self.accumulate_main_grads(unwrapped, grads)
-        self._record(weights, clean_loss, noisy_labels, true_labels)
+        overflow = scale is not None and scale.found_inf(self.reduce)  # the scaler then skips the step
+        self.accumulate_main_grads(unwrapped, grads, scale, overflow=overflow)
+        if not overflow:
+            self._record(weights, clean_loss, noisy_labels, true_labels)
         return loss.to(self.args.device) / self.current_gradient_accumulation_steps
 
     def _record(self, weights, clean_loss, noisy_labels, true_labels) -> None:
@@ -208,13 +226,15 @@ class CleanBatchFinetuneTrainer(CleanDataTrainer):
         noisy_labels = inputs.pop("labels")
         clean_inputs, clean_labels = self.next_clean_batch()
         unwrapped = self.accelerator.unwrap_model(model)
-        autocast = self.compute_loss_context_manager
-        noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast)
+        autocast, scale = self.compute_loss_context_manager, self.loss_scale()
+        noisy_loss, grads = loss_and_grads(unwrapped, inputs, noisy_labels, autocast=autocast, loss_scale=scale)
         loss, clean_loss = _add_clean_term(
-            unwrapped, len(noisy_labels), noisy_loss, grads, clean_inputs, clean_labels, autocast
+            unwrapped, len(noisy_labels), noisy_loss, grads, clean_inputs, clean_labels, autocast, scale
         )
         if self.reduce is not None:
             self.reduce(list(grads.values()))
-        self.accumulate_main_grads(unwrapped, grads)
-        self._metrics["train"]["clean_loss"].append(clean_loss.item())  # at w (L2RW and MLC log it at w')
+        overflow = scale is not None and scale.found_inf(self.reduce)  # the scaler then skips the step
+        self.accumulate_main_grads(unwrapped, grads, scale, overflow=overflow)
+        if not overflow:
+            self._metrics["train"]["clean_loss"].append(clean_loss.item())  # at w (L2RW and MLC log it at w')
         return loss.to(self.args.device) / self.current_gradient_accumulation_steps

@@ -19,6 +19,7 @@ from .config import MLCTrainingArguments
 from .meta_grad import (
     CleanPass,
     LookaheadBuffer,
+    LossScale,
     MetaBatch,
     MetaStepOutput,
     check_optimizer,
@@ -41,6 +42,7 @@ __all__ = [
     "MLC_STATE_NAME",
     "SUPPORTED_OPTIM_NAMES",
     "check_parallelism",
+    "install_cpu_grad_scaler",
     "split_batch",
     "split_meta_rows",
 ]
@@ -84,8 +86,9 @@ def split_meta_rows(clean_dataset, num_labels: int, args: MLCTrainingArguments):
 
 def check_parallelism(args) -> None:
     """
-    Refuses set-ups where the virtual step would be wrong: parameters sharded across processes (FSDP, DeepSpeed
-    ZeRO-3) and fp16 loss scaling of the hand-computed gradients.
+    Refuses set-ups where the virtual step would be wrong: parameters sharded across processes (FSDP) and DeepSpeed
+    (whose optimizers hide the state the virtual step reads). fp16 is accepted: the hand-computed gradients are
+    loss-scaled with the `Trainer`'s scaler (see [`CleanDataTrainer.loss_scale`]).
     """
     if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError(
@@ -97,12 +100,21 @@ def check_parallelism(args) -> None:
             f"MLC does not support DeepSpeed (deepspeed={args.deepspeed!r}) yet: its sharded or fused optimizers hide "
             "the state the virtual step reads. Supported: one process, or DDP (`accelerate launch --multi_gpu`)."
         )
-    # `accelerate launch --mixed_precision fp16` reaches the arguments as `mixed_precision`, not `fp16`.
-    if args.fp16 or getattr(args, "mixed_precision", "no") == "fp16":
-        raise ValueError(
-            "MLC does not support fp16 (fp16=True or --mixed_precision fp16): loss scaling of the hand-computed gradients is not implemented. "
-            "Use bf16=True (GPUs with bf16, and CPUs) or full precision."
-        )
+
+
+def install_cpu_grad_scaler(accelerator) -> None:
+    """
+    Gives `accelerator` fp16 on CPU as it has it on a GPU: autocast to float16 around the model's forward and a
+    `torch.amp.GradScaler("cpu")` in the optimizer's step. accelerate makes neither on CPU (it then trains in float32
+    although `fp16=True`); set after the `Trainer`'s `__init__`, both take effect when `train()` prepares the model
+    and optimizer. A no-op unless the mixed precision is fp16 on CPU without a scaler.
+    """
+    if accelerator.mixed_precision != "fp16" or accelerator.device.type != "cpu" or accelerator.scaler is not None:
+        return
+    handler = getattr(accelerator, "scaler_handler", None)
+    kwargs = handler.to_kwargs() if handler is not None else {}
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", **kwargs)
 
 
 class CleanDataTrainer(Trainer):
@@ -134,6 +146,7 @@ class CleanDataTrainer(Trainer):
         # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
         # gradient accumulation; our losses are plain means.
         self.model_accepts_loss_kwargs = False
+        install_cpu_grad_scaler(self.accelerator)
         self._warn_missing_classes(clean_dataset, model.config.num_labels)
         clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
         self.clean_batches = CleanBatchIterator(
@@ -184,12 +197,35 @@ class CleanDataTrainer(Trainer):
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
 
-    def accumulate_main_grads(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
-        """Adds hand-computed gradients (already averaged across processes) to `.grad` for the real step."""
+    def loss_scale(self) -> LossScale | None:
+        """
+        Under fp16, the scaler's current scale for this step's hand-computed gradients (the `Trainer`'s own
+        `GradScaler`, which then unscales `.grad`, skips an overflowing optimizer step and lowers the scale); else
+        `None`.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = scaler.scale(torch.ones((), device=self.args.device))  # also creates the scale on its first use
+        self._metrics["train"]["loss_scale"].append(scale.item())
+        return LossScale(scale, self.args.device)
+
+    def accumulate_main_grads(
+        self, model: nn.Module, grads: dict[str, torch.Tensor], loss_scale: LossScale | None = None, overflow=False
+    ) -> None:
+        """
+        Adds hand-computed gradients (already averaged across processes, unscaled) to `.grad` for the real step.
+        With `loss_scale` they are written scaled, as a scaled `.backward()` leaves them, for the scaler to unscale
+        and check; an `overflow` writes inf, so that the scaler skips the optimizer step and lowers the scale.
+        """
         scale = 1.0 / self.current_gradient_accumulation_steps
+        if loss_scale is not None:
+            scale = loss_scale.scale * scale
         for name, param in trainable_parameters(model).items():
             grad = grads[name].to(param.dtype) * scale
             param.grad = grad if param.grad is None else param.grad.add_(grad)
+            if overflow:
+                param.grad.fill_(float("inf"))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the means of what was recorded since the last one
@@ -285,6 +321,7 @@ class MLCTrainer(CleanDataTrainer):
         self._pending_gamma: torch.Tensor | float | None = None
         # See `reuse_clean_pass`.
         self._carried: _CarriedCleanPass | None = None
+        self._overflowed = False  # fp16: a micro-batch of this optimizer step held an inf / NaN gradient
         self._warned: set[str] = set()  # the kinds of run-time warning already given
 
     def _clean_stream(self, dataset, description: str, seed_offset: int) -> CleanBatchIterator:
@@ -375,11 +412,13 @@ class MLCTrainer(CleanDataTrainer):
         noisy_labels = inputs.pop("labels")
         batch = self._meta_batch(inputs, noisy_labels)
         unwrapped = self.accelerator.unwrap_model(model)
+        loss_scale = self.loss_scale()
         common = {
             "clean_in_main_loss": self.args.clean_in_main_loss,
             "reduce": self.reduce,
             "autocast": self.compute_loss_context_manager,
             "carried_clean_pass": self._take_carried_clean_pass(),
+            "loss_scale": loss_scale,
         }
         if self.state.global_step % self.args.meta_update_interval == 0:
             out = meta_step(
@@ -394,14 +433,17 @@ class MLCTrainer(CleanDataTrainer):
                 keep_clean_pass=self._can_reuse_clean_pass(),
                 **common,
             )
-            self._accumulate_meta_grads(out)
-            if out.clean_pass is not None:
+            if not out.overflow:
+                self._accumulate_meta_grads(out)
+            if out.clean_pass is not None and not out.overflow:  # an overflowing step is skipped: w' is not next w
                 self._carried = _CarriedCleanPass(out.clean_pass, self.state.global_step + 1)
-                out.clean_pass = None
+            out.clean_pass = None
         else:
             out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
-        self.accumulate_main_grads(unwrapped, out.main_grads)
-        self._record(out, noisy_labels, true_labels)
+        self._overflowed |= out.overflow
+        self.accumulate_main_grads(unwrapped, out.main_grads, loss_scale, overflow=out.overflow)
+        if not out.overflow:  # its losses and labels may be inf / NaN
+            self._record(out, noisy_labels, true_labels)
         if self.accelerator.sync_gradients:
             self._meta_optimizer_step()
         return out.main_loss.to(self.args.device) / self.current_gradient_accumulation_steps
@@ -451,6 +493,11 @@ class MLCTrainer(CleanDataTrainer):
                 self._pending_gamma = self._pending_gamma + gamma
 
     def _meta_optimizer_step(self) -> None:
+        if self._overflowed:
+            # fp16 overflow in this optimizer step: the scaler skips the main net's step (its .grad holds inf), so the
+            # corrector skips its own; the look-ahead window and the corrector's optimizer are left as they are.
+            self._pending_meta_grads, self._pending_gamma, self._overflowed = None, None, False
+            return
         if self._pending_meta_grads is None:
             return
         total = self.lookahead.accumulate(self._pending_meta_grads, self._pending_gamma)
