@@ -71,6 +71,10 @@ class MLCTrainingArguments(TrainingArguments):
             in half, one half in the main loss and the other for the meta objective (the authors' `hmlc_K_mix`).
             `"rows"`: a fixed, class-stratified share `meta_split_fraction` of the trusted rows is kept for the meta
             objective alone and never trained on, so the clean loss at w' measures how the step generalises.
+        trust_given_labels_for (`float`, *optional*, defaults to `0.0`):
+            Share of the training steps over which the main loss's target is blended with the given label, its weight
+            falling linearly from 0.9 at the start to 0 ([`~meta_net.AnchoredCorrector`]): the corrector starts near
+            uniform and learns while the main net trains, so its early labels are the worst. 0: off.
         corrector_warm_start_steps (`int`, *optional*, defaults to `0`):
             Before training, this many full-batch Adam steps (learning rate 1e-3) of the corrector on the trusted rows'
             features, each row shown with its true label and with a wrong one, the target being the true label
@@ -133,6 +137,10 @@ class MLCTrainingArguments(TrainingArguments):
     meta_split: str = field(
         default="none",
         metadata={"help": f"Trusted rows of the meta objective, one of {', '.join(META_SPLITS)}."},
+    )
+    trust_given_labels_for: float = field(
+        default=0.0,
+        metadata={"help": "Share of the run over which the given label's weight in the target falls from 0.9 to 0."},
     )
     corrector_warm_start_steps: int = field(
         default=0, metadata={"help": "Steps of supervised warm start of the corrector on the trusted rows (0: off)."}
@@ -198,6 +206,8 @@ class MLCTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= self.trust_given_labels_for <= 1.0:
+            raise ValueError(f"trust_given_labels_for must be in [0, 1], got {self.trust_given_labels_for}")
         if not isinstance(self.corrector_warm_start_steps, int) or self.corrector_warm_start_steps < 0:
             raise ValueError(
                 f"corrector_warm_start_steps must be an integer >= 0, got {self.corrector_warm_start_steps!r}"

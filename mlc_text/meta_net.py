@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "AnchoredCorrector",
     "LabelCorrector",
     "HEAD_MODULE_NAMES",
     "find_head_module",
@@ -149,6 +150,35 @@ class LabelCorrector(nn.Module):
         corrector = cls(**json.loads(payload["config"]))
         corrector.load_state_dict(payload["state_dict"])
         return corrector
+
+
+class AnchoredCorrector(nn.Module):
+    """
+    A corrector whose labels are blended with the given ones by a weight the trainer sets, not learned:
+    `trust * onehot(y~) + (1 - trust) * corrector(h, y~)`. While the corrector is still poor (early in training) a
+    high `trust` keeps the main net on the given labels; the meta-gradient still reaches the corrector, scaled by
+    `1 - trust` (which Adam largely undoes).
+
+    Args:
+        corrector: the label corrector it wraps (its parameters are this module's).
+        trust (`float`, defaults to 0.0): the given label's weight, in [0, 1].
+    """
+
+    def __init__(self, corrector: nn.Module, trust: float = 0.0):
+        super().__init__()
+        self.corrector, self.trust = corrector, trust
+        self.num_labels = corrector.num_labels
+
+    @property
+    def last_skip_weight(self) -> torch.Tensor | None:
+        return getattr(self.corrector, "last_skip_weight", None)
+
+    def forward(self, features: torch.Tensor, noisy_labels: torch.Tensor) -> torch.Tensor:
+        corrected = self.corrector(features, noisy_labels)
+        if not self.trust:
+            return corrected
+        onehot = nn.functional.one_hot(noisy_labels, corrected.shape[-1]).to(corrected.dtype)
+        return self.trust * onehot + (1 - self.trust) * corrected
 
 
 def find_head_module(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ from .meta_grad import (
     trainable_parameters,
 )
 from .meta_net import (
+    AnchoredCorrector,
     LabelCorrector,
     capture_head_features,
     feature_size_of,
@@ -316,6 +317,7 @@ class MLCTrainer(CleanDataTrainer):
             weight_decay=args.meta_weight_decay,
             amsgrad=True,
         )
+        self.anchored = AnchoredCorrector(self.corrector)
         self.lookahead = LookaheadBuffer(args.gradient_steps)
         self._pending_meta_grads: list[torch.Tensor] | None = None
         self._pending_gamma: torch.Tensor | float | None = None
@@ -410,6 +412,7 @@ class MLCTrainer(CleanDataTrainer):
         inputs = self._prepare_inputs(inputs)
         true_labels = inputs.pop("true_label", None)
         noisy_labels = inputs.pop("labels")
+        self.anchored.trust = self.given_label_trust()
         batch = self._meta_batch(inputs, noisy_labels)
         unwrapped = self.accelerator.unwrap_model(model)
         loss_scale = self.loss_scale()
@@ -423,7 +426,7 @@ class MLCTrainer(CleanDataTrainer):
         if self.state.global_step % self.args.meta_update_interval == 0:
             out = meta_step(
                 unwrapped,
-                self.corrector,
+                self.anchored,
                 self.head,
                 batch,
                 self.optimizer,
@@ -439,7 +442,7 @@ class MLCTrainer(CleanDataTrainer):
                 self._carried = _CarriedCleanPass(out.clean_pass, self.state.global_step + 1)
             out.clean_pass = None
         else:
-            out = corrected_label_step(unwrapped, self.corrector, self.head, batch, **common)
+            out = corrected_label_step(unwrapped, self.anchored, self.head, batch, **common)
         self._overflowed |= out.overflow
         self.accumulate_main_grads(unwrapped, out.main_grads, loss_scale, overflow=out.overflow)
         if not out.overflow:  # its losses and labels may be inf / NaN
@@ -460,6 +463,17 @@ class MLCTrainer(CleanDataTrainer):
             main, meta = split_batch(clean_inputs, half), split_batch(clean_inputs, half, second=True)
             return MetaBatch(inputs, noisy_labels, main, clean_labels[:half], meta, clean_labels[half:])
         return MetaBatch(inputs, noisy_labels, clean_inputs, clean_labels)
+
+    # The given label's weight in the target at the start of `trust_given_labels_for`.
+    INITIAL_TRUST = 0.9
+
+    def given_label_trust(self) -> float:
+        """The weight of the given label in this step's target (`trust_given_labels_for`; 0 when it is off)."""
+        share = self.args.trust_given_labels_for
+        if not share:
+            return 0.0
+        progress = self.state.global_step / max(1, self.state.max_steps)
+        return self.INITIAL_TRUST * max(0.0, 1.0 - progress / share)
 
     def _can_reuse_clean_pass(self) -> bool:
         # The real step must apply exactly the virtual one: one micro-batch per optimizer step; and the meta

@@ -65,3 +65,22 @@ def test_warm_start_teaches_to_keep_a_label_the_features_agree_with_and_replace_
         kept = corrector(features, labels).argmax(-1)
         replaced = corrector(features, (labels + 1) % 3).argmax(-1)
     assert (kept == labels).float().mean() > 0.9 and (replaced == labels).float().mean() > 0.9
+
+
+def test_anchored_corrector_blends_in_the_given_label_and_passes_the_meta_gradient_scaled():
+    from mlc_text.meta_net import AnchoredCorrector
+
+    torch.manual_seed(0)
+    corrector = LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4)
+    anchored = AnchoredCorrector(corrector, trust=0.75)
+    assert list(anchored.parameters()) == list(corrector.parameters())
+    features, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
+    plain = corrector(features, labels)
+    blended = anchored(features, labels)
+    torch.testing.assert_close(blended, 0.75 * torch.nn.functional.one_hot(labels, 3) + 0.25 * plain)
+    upstream = torch.randn(4, 3)
+    (grad_plain,) = torch.autograd.grad(plain, corrector.mlp[-1].bias, upstream)
+    (grad_blended,) = torch.autograd.grad(anchored(features, labels), corrector.mlp[-1].bias, upstream)
+    torch.testing.assert_close(grad_blended, 0.25 * grad_plain)
+    anchored.trust = 0.0
+    torch.testing.assert_close(anchored(features, labels), plain)

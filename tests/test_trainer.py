@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification, default_data_collator
 
 from mlc_text.config import MLCTrainingArguments
-from mlc_text.meta_net import CORRECTOR_WEIGHTS_NAME, LabelCorrector
+from mlc_text.meta_net import CORRECTOR_WEIGHTS_NAME, LabelCorrector, capture_head_features
 from mlc_text.trainer import MLC_STATE_NAME, MLCTrainer, check_parallelism
 
 from .conftest import VOCAB_SIZE, tiny_bert
@@ -434,3 +434,39 @@ def test_without_warm_start_the_first_step_leaves_the_corrector_to_the_meta_grad
     before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
     trainer.warm_start()
     assert all(torch.equal(before[k], v) for k, v in trainer.corrector.state_dict().items())
+
+
+def test_given_label_trust_falls_from_its_start_to_zero_over_its_share_of_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, trust_given_labels_for=0.5, max_steps=8)
+    trainer.state.max_steps = 8
+    trust = []
+    for step in range(8):
+        trainer.state.global_step = step
+        trust.append(trainer.given_label_trust())
+    assert trust == pytest.approx([0.9, 0.675, 0.45, 0.225, 0.0, 0.0, 0.0, 0.0])
+    assert make_trainer(tmp_path / "off").given_label_trust() == 0.0
+
+
+class TrustRecordingTrainer(MLCTrainer):
+    """Records the given label's weight in the labels each step trains on."""
+
+    def _meta_batch(self, inputs, noisy_labels):
+        batch = super()._meta_batch(inputs, noisy_labels)
+        onehot = torch.nn.functional.one_hot(noisy_labels, NUM_LABELS).float()
+        with torch.no_grad(), capture_head_features(self.head) as store:
+            self.model(**inputs)
+            plain, used = (
+                self.corrector(store["features"], noisy_labels),
+                self.anchored(store["features"], noisy_labels),
+            )
+        # used = trust * onehot + (1 - trust) * plain: solve for trust on the given label's column
+        picked = onehot.bool()
+        trust = ((used[picked] - plain[picked]) / (1 - plain[picked])).mean().item()
+        self.trusts = getattr(self, "trusts", []) + [round(trust, 4)]
+        return batch
+
+
+def test_the_steps_train_on_labels_blended_with_the_given_ones(tmp_path):
+    trainer = make_trainer(tmp_path, trainer_class=TrustRecordingTrainer, trust_given_labels_for=0.5, max_steps=4)
+    trainer.train()
+    assert trainer.trusts == pytest.approx([0.9, 0.45, 0.0, 0.0], abs=1e-3)
