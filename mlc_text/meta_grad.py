@@ -266,13 +266,16 @@ def logits_finite_difference(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     central: bool = False,
     rng_state: dict[str, torch.Tensor] | None = None,
+    overwrite_tangents: bool = False,
 ) -> torch.Tensor:
     """
     Directional derivative of the batch's logits along `tangents`, (dz/dw) v, by a finite difference: forward
     `(z(w + h u) - z(w)) / h * |v|` with `logits` = z(w) already computed, or central `(z(w + h u) - z(w - h u)) / 2h
     * |v|`, u = v / |v| and h from [`finite_difference_step`]. Each forward runs without a graph, with the RNG state
     `rng_state` (the one the logits at w were computed with, so that dropout draws the same masks), and writes no
-    parameter: the shifted weights are a copy, read through `functional_call`.
+    parameter: the shifted weights are a copy, read through `functional_call`. With `overwrite_tangents` (forward
+    difference only), the shifted weights are formed in the tangents' place instead (no copy; the caller must not
+    read them after).
     """
     if logits is None and not central:
         raise ValueError("the forward difference needs the logits at w (pass logits, or central=True)")
@@ -284,8 +287,13 @@ def logits_finite_difference(
     step = finite_difference_step(params, logits_dtype, central)
     scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # a zero tangent gives a zero product
 
+    in_place = overwrite_tangents and not central and all(d is tangents[n] for d, n in zip(directions, names))
+
     def logits_at(sign: float) -> torch.Tensor:
-        shifted = torch._foreach_mul(directions, (sign * scale).to(weights[0].dtype))
+        factor = (sign * scale).to(weights[0].dtype)
+        shifted = directions if in_place else torch._foreach_mul(directions, factor)
+        if in_place:
+            torch._foreach_mul_(shifted, factor)
         torch._foreach_add_(shifted, weights)
         rng = _replay_rng(rng_state) if rng_state is not None else contextlib.nullcontext()
         with torch.no_grad(), rng, autocast():
@@ -650,6 +658,7 @@ def _directional_derivative(model, params, batch, direction, noisy_logits, meta_
         autocast=autocast,
         central=meta_gradient == "fd_central",
         rng_state=rng_state,
+        overwrite_tangents=True,
     )
 
 

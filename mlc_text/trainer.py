@@ -223,7 +223,10 @@ class CleanDataTrainer(Trainer):
         if loss_scale is not None:
             scale = loss_scale.scale * scale
         for name, param in trainable_parameters(model).items():
-            grad = grads[name].to(param.dtype) * scale
+            # `grads` are fresh tensors, read nowhere after: scaled in place (no parameter-sized copy per step).
+            grad = grads[name].to(param.dtype)
+            if not (isinstance(scale, float) and scale == 1.0):
+                grad.mul_(scale)
             param.grad = grad if param.grad is None else param.grad.add_(grad)
             if overflow:
                 param.grad.fill_(float("inf"))

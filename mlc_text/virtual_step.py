@@ -184,76 +184,70 @@ def _chunks(
 
 
 def _sgd_step_foreach(weights, grads, chunk: _Chunk, coef: float) -> list[torch.Tensor]:
-    # `_sgd_step` on a chunk, op for op.
+    # `_sgd_step` on a chunk, each product folded into an in-place add where it can be, so that at most two
+    # chunk-sized tensors are made (the direction and w').
     group = chunk.group
     lr, momentum, dampening = float(group["lr"]), group["momentum"], group["dampening"]
     weight_decay = group["weight_decay"]
-    if coef != 1.0:
-        grads = torch._foreach_mul(grads, coef)
-    direction = torch._foreach_add(grads, torch._foreach_mul(weights, weight_decay)) if weight_decay else grads
+    direction, owned = grads, False
+    if coef != 1.0 or weight_decay:
+        direction, owned = torch._foreach_mul(grads, coef), True
+        if weight_decay:
+            torch._foreach_add_(direction, weights, alpha=weight_decay)
     if momentum:
         buffers = [state.get("momentum_buffer") for state in chunk.states]
-        if buffers[0] is None:
-            new_buffer = direction
-        else:
+        new_buffer = direction
+        if buffers[0] is not None:
             new_buffer = torch._foreach_mul(buffers, momentum)
-            torch._foreach_add_(new_buffer, torch._foreach_mul(direction, 1 - dampening))
+            torch._foreach_add_(new_buffer, direction, alpha=1 - dampening)
         if group["nesterov"]:
-            direction = torch._foreach_add(direction, torch._foreach_mul(new_buffer, momentum))
+            if not owned:
+                direction, owned = torch._foreach_mul(direction, 1.0), True
+            torch._foreach_add_(direction, new_buffer, alpha=momentum)
         else:
             direction = new_buffer
-    return torch._foreach_sub(weights, torch._foreach_mul(direction, lr))
+        del new_buffer
+    return torch._foreach_add(weights, direction, alpha=-lr)
 
 
-def _adam_moments_foreach(weights, grads, chunk: _Chunk, decoupled: bool, coef: float, first: bool = True):
-    # `_adam_moments` on a chunk, op for op: (denominators, new first moments or None, bias_correction1).
+def _adam_denominators_foreach(weights, grads, chunk: _Chunk, decoupled: bool, coef: float):
+    """
+    `_adam_moments`' denominators on a chunk, with the clip factor folded into the scalars (one chunk-sized tensor
+    made, unless Adam's L2 decay needs its input gradient). Returns `(denominators, input gradient, its factor c,
+    bias_correction1)`: Adam's input gradient is `c * input gradient`.
+    """
     group, states = chunk.group, chunk.states
     (beta1, beta2), eps, weight_decay = group["betas"], group["eps"], group["weight_decay"]
     step = _adam_step_count(states[0])
-    if coef != 1.0:
-        grads = torch._foreach_mul(grads, coef)
+    grads, factor = [grad.detach() for grad in grads], coef  # L is held constant: no graph through the denominator
     if weight_decay and not decoupled:
-        grads = torch._foreach_add(grads, torch._foreach_mul(weights, weight_decay))
-    detached = [grad.detach() for grad in grads]  # L is held constant: no graph through the denominator
-    squares = torch._foreach_mul(detached, detached)
-    del detached
-    torch._foreach_mul_(squares, 1 - beta2)
+        grads, factor = torch._foreach_mul(grads, coef), 1.0
+        torch._foreach_add_(grads, weights, alpha=weight_decay)
+    denom = torch._foreach_mul(grads, grads)
+    torch._foreach_mul_(denom, (1 - beta2) * factor * factor)
     if "exp_avg_sq" in states[0]:
-        denom = torch._foreach_mul([state["exp_avg_sq"] for state in states], beta2)
-        torch._foreach_add_(denom, squares)
-    else:
-        denom = squares
-    del squares
+        torch._foreach_add_(denom, [state["exp_avg_sq"] for state in states], alpha=beta2)
     if group.get("amsgrad", False) and "max_exp_avg_sq" in states[0]:
-        denom = torch._foreach_maximum([state["max_exp_avg_sq"] for state in states], denom)
+        torch._foreach_maximum_(denom, [state["max_exp_avg_sq"] for state in states])
     torch._foreach_sqrt_(denom)
     torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
     torch._foreach_add_(denom, eps)
-    new_exp_avg = None
-    if first:
-        new_exp_avg = torch._foreach_mul(grads, 1 - beta1)
-        if "exp_avg" in states[0]:
-            torch._foreach_add_(new_exp_avg, torch._foreach_mul([state["exp_avg"] for state in states], beta1))
-    return denom, new_exp_avg, 1 - beta1**step
+    return denom, grads, factor, 1 - beta1**step
 
 
 def _adam_step_foreach(weights, grads, chunk: _Chunk, decoupled: bool, coef: float) -> list[torch.Tensor]:
-    # `_adam_step` on a chunk, op for op.
-    lr, weight_decay = float(chunk.group["lr"]), chunk.group["weight_decay"]
-    denom, new_exp_avg, bias_correction1 = _adam_moments_foreach(weights, grads, chunk, decoupled, coef)
-    torch._foreach_mul_(new_exp_avg, lr / bias_correction1)
-    torch._foreach_div_(new_exp_avg, denom)
+    # `_adam_step` on a chunk, computed into w' itself: w' = (1 - lr wd) w - (lr / bc1) m' / denom with
+    # m' = beta1 m + (1 - beta1) g; two chunk-sized tensors are made (the denominators and w').
+    lr, weight_decay, beta1 = float(chunk.group["lr"]), chunk.group["weight_decay"], chunk.group["betas"][0]
+    denom, grads, factor, bias_correction1 = _adam_denominators_foreach(weights, grads, chunk, decoupled, coef)
+    updated = torch._foreach_mul(grads, (1 - beta1) * factor)
+    if "exp_avg" in chunk.states[0]:
+        torch._foreach_add_(updated, [state["exp_avg"] for state in chunk.states], alpha=beta1)
+    torch._foreach_div_(updated, denom)
     del denom
-    base = torch._foreach_mul(weights, 1 - lr * weight_decay) if decoupled else weights
-    return torch._foreach_sub(base, new_exp_avg)
-
-
-def _adam_rates_foreach(weights, grads, chunk: _Chunk, decoupled: bool, coef: float) -> list[torch.Tensor]:
-    # `_adam_rate` on a chunk.
-    denom, _, bias_correction1 = _adam_moments_foreach(weights, grads, chunk, decoupled, coef, first=False)
-    torch._foreach_reciprocal_(denom)
-    torch._foreach_mul_(denom, float(chunk.group["lr"]) * (1 - chunk.group["betas"][0]) * coef / bias_correction1)
-    return denom
+    torch._foreach_mul_(updated, -lr / bias_correction1)
+    torch._foreach_add_(updated, weights, alpha=1 - lr * weight_decay if decoupled else 1.0)
+    return updated
 
 
 def _detached(tensors: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
@@ -285,17 +279,22 @@ class VirtualRates(Mapping):
             return _sgd_rate(group, state, self.coef)
         return _adam_rate(param.detach(), self.grads[name].detach(), group, state, self._decoupled, self.coef)
 
-    def chunks(self) -> Iterator[tuple[list[str], list[torch.Tensor] | float]]:
+    def chunks(self) -> Iterator[tuple[list[str], float, list[torch.Tensor] | None]]:
         """
-        Yields `(names, rates)` chunk by chunk: for SGD one float for the whole chunk, for Adam a list of tensors
-        (multi-tensor ops; at most the largest tensor's size is held beyond what the caller keeps).
+        Yields L chunk by chunk as `(names, factor, denominators)`: L = factor / denominators elementwise (Adam: one
+        fresh chunk-sized tensor each, at most the largest parameter's size), or `factor` alone where
+        `denominators` is `None` (SGD: one rate per chunk).
         """
         for chunk in _chunks(self.optimizer, self.params, self.groups):
             if isinstance(self.optimizer, torch.optim.SGD):
-                yield chunk.names, _sgd_rate(chunk.group, chunk.states[0], self.coef)
-            else:
-                weights, grads = _detached(self.params, chunk.names), _detached(self.grads, chunk.names)
-                yield chunk.names, _adam_rates_foreach(weights, grads, chunk, self._decoupled, self.coef)
+                yield chunk.names, _sgd_rate(chunk.group, chunk.states[0], self.coef), None
+                continue
+            weights, grads = _detached(self.params, chunk.names), _detached(self.grads, chunk.names)
+            denom, _, _, bias_correction1 = _adam_denominators_foreach(
+                weights, grads, chunk, self._decoupled, self.coef
+            )
+            group = chunk.group
+            yield chunk.names, float(group["lr"]) * (1 - group["betas"][0]) * self.coef / bias_correction1, denom
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.params)
@@ -377,27 +376,50 @@ def scaled_direction(
         `(direction, numerator, norm_sq)`; the last two are `None` without `clean_grads`.
     """
     direction, terms, squares = {}, [], []
-    for names, rates in virtual_lr.chunks():
+    for names, factor, denom in virtual_lr.chunks():
         grads = [clean_grads_virtual[name] for name in names]
-        if clean_grads is not None:
-            grads_at_w = [clean_grads.pop(name) for name in names]
-            if isinstance(rates, float):
-                products = torch._foreach_mul(grads, 1 - rates)
-            else:
-                products = torch._foreach_neg(rates)
-                torch._foreach_add_(products, 1.0)
-                torch._foreach_mul_(products, grads)
-            torch._foreach_mul_(products, grads_at_w)
-            terms += [product.sum() for product in products]
-            squares += [grad.square().sum() for grad in grads_at_w]
-            del products, grads_at_w
-        if in_place:
-            torch._foreach_mul_(grads, rates)
-            scaled = grads
+        if clean_grads is None:
+            scaled = _scale(grads, factor, denom, in_place)  # v = g' / denominators * factor
         else:
-            scaled = torch._foreach_mul(grads, rates)
+            rates = factor
+            if denom is not None:  # gamma needs L itself: form it in the denominators' place
+                torch._foreach_reciprocal_(denom)
+                torch._foreach_mul_(denom, factor)
+                rates = denom
+            chunk_terms, chunk_squares = _discount_terms_foreach(
+                grads, [clean_grads.pop(name) for name in names], rates
+            )
+            terms, squares = terms + chunk_terms, squares + chunk_squares
+            scaled = _scale(grads, rates, None, in_place)
+        del denom
         direction.update(zip(names, scaled))
     direction = {name: direction[name] for name in clean_grads_virtual}
     if clean_grads is None:
         return direction, None, None
     return direction, torch.stack(terms).sum(), torch.stack(squares).sum()
+
+
+def _scale(grads, factor, denom, in_place: bool) -> list[torch.Tensor]:
+    # grads * factor (a float or a list), divided first by `denom` when given; in place or into new tensors.
+    if denom is not None:
+        scaled = grads if in_place else torch._foreach_div(grads, denom)
+        if in_place:
+            torch._foreach_div_(scaled, denom)
+        torch._foreach_mul_(scaled, factor)
+        return scaled
+    if in_place:
+        torch._foreach_mul_(grads, factor)
+        return grads
+    return torch._foreach_mul(grads, factor)
+
+
+def _discount_terms_foreach(grads_virtual, grads_at_w, rates) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    # Each tensor's share of gamma's numerator <(1 - L) g', g> and denominator |g|^2 (as `_discount_terms`).
+    if isinstance(rates, float):
+        products = torch._foreach_mul(grads_virtual, 1 - rates)
+    else:
+        products = torch._foreach_neg(rates)
+        torch._foreach_add_(products, 1.0)
+        torch._foreach_mul_(products, grads_virtual)
+    torch._foreach_mul_(products, grads_at_w)
+    return [product.sum() for product in products], [grad.square().sum() for grad in grads_at_w]

@@ -490,7 +490,9 @@ def make_optimizer(model, name):
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("clipped", [False, True])
 def test_multi_tensor_virtual_step_equals_the_per_tensor_one(optimizer_name, fresh, clipped):
-    # The multi-tensor ops must compute the per-tensor arithmetic op for op: w', L, v = L g' and gamma's terms.
+    # The multi-tensor ops compute the per-tensor arithmetic with products folded into fused adds: w', L, v = L g'
+    # and gamma's terms agree to a few float64 roundings (up to 1e-13 relative where w' or Adam's L2-decayed
+    # gradient cancels to near zero).
     from mlc_text.virtual_step import _chunks, scaled_direction
 
     model, _, optimizer, batch = make_setup("adamw" if optimizer_name.startswith("adam") else optimizer_name)
@@ -510,14 +512,14 @@ def test_multi_tensor_virtual_step_equals_the_per_tensor_one(optimizer_name, fre
     multi_tensor, chunked_rates = virtual_step(params, grads, optimizer, max_grad_norm, foreach=True)
     assert list(multi_tensor) == list(per_tensor)
     for name in params:
-        torch.testing.assert_close(multi_tensor[name], per_tensor[name], rtol=1e-15, atol=0, msg=name)
+        torch.testing.assert_close(multi_tensor[name], per_tensor[name], rtol=1e-12, atol=1e-15, msg=name)
     read = dict(rates)
-    for names, chunk in chunked_rates.chunks():
-        for name, rate in zip(names, [chunk] * len(names) if isinstance(chunk, float) else chunk):
-            if isinstance(rate, float):  # SGD: one rate per param group
-                assert rate == read[name]
+    for names, factor, denominators in chunked_rates.chunks():
+        for index, name in enumerate(names):
+            if denominators is None:  # SGD: one rate per param group
+                assert factor == read[name]
             else:
-                torch.testing.assert_close(rate, read[name], rtol=1e-15, atol=0, msg=name)
+                torch.testing.assert_close(factor / denominators[index], read[name], rtol=1e-12, atol=1e-15, msg=name)
 
     # v = L g' and the look-ahead discount's terms, against the per-tensor loop they replace.
     _, clean_grads_virtual = loss_and_grads(model, batch.clean_inputs, batch.clean_labels, params=per_tensor)
@@ -530,11 +532,11 @@ def test_multi_tensor_virtual_step_equals_the_per_tensor_one(optimizer_name, fre
     torch.testing.assert_close(numerator / norm_sq, gamma, rtol=1e-13, atol=0)
     assert clean_grads == {}, "the clean gradient at w is dropped as it is read"
     for name in params:
-        torch.testing.assert_close(direction[name], expected[name], rtol=1e-15, atol=0, msg=name)
+        torch.testing.assert_close(direction[name], expected[name], rtol=1e-12, atol=1e-15, msg=name)
     in_place, _, _ = scaled_direction(clean_grads_virtual, rates)
     assert all(in_place[name] is clean_grads_virtual[name] for name in params)  # v formed in g', no copy
     for name in params:
-        torch.testing.assert_close(in_place[name], expected[name], rtol=1e-15, atol=0, msg=name)
+        torch.testing.assert_close(in_place[name], expected[name], rtol=1e-12, atol=1e-15, msg=name)
 
 
 def test_virtual_step_carrying_a_graph_takes_the_per_tensor_path():
@@ -548,4 +550,4 @@ def test_virtual_step_carrying_a_graph_takes_the_per_tensor_path():
     expected, _ = virtual_step(params, grads, optimizer, foreach=True)
     for name in params:
         assert virtual_params[name].requires_grad
-        torch.testing.assert_close(virtual_params[name], expected[name], rtol=1e-15, atol=0)
+        torch.testing.assert_close(virtual_params[name], expected[name], rtol=1e-12, atol=1e-15)
