@@ -20,8 +20,10 @@ Two ways to compute it, selected by `meta_gradient`:
   forward at w + h v (the logits at w are the main pass's) or two at w +- h v, with the main pass's dropout masks
   ([`logits_finite_difference`]). Not exact: its error is tested against `"jvp"`.
 
-`"jvp"` and `"reference"` are exact; they differ only in cost. The k-step look-ahead of the paper adds a discounted earlier
-meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`LookaheadBuffer`].
+`"jvp"` and `"reference"` are exact; they differ only in cost. The k-step look-ahead of the paper adds a discounted
+earlier meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`LookaheadBuffer`]. The optimizer
+mirror of the virtual step lives in virtual_step.py (its names are importable from here too). Under fp16 every
+backward here runs on a loss-scaled loss ([`LossScale`]).
 """
 
 from __future__ import annotations
@@ -507,6 +509,10 @@ def _main_loss_and_grads(
                 torch._foreach_add_(grads, [clean_grads[name] for name in main_grads], alpha=1 - noisy_weight)
         if not need_clean_grads:
             clean_grads = None  # only the look-ahead discount reads them: free them now
+    if use_carried:
+        # Consumed: its gradient is in main_grads now. Emptied so that it is not held through the rest of the step
+        # by whoever still refers to the CleanPass (the trainer's call): one parameter-sized copy less at the peak.
+        carried.grads = {}
     return _MainPass(
         params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight, noisy_logits.detach()
     )
@@ -574,7 +580,8 @@ def meta_step(
             reproduces.
         carried_clean_pass: the clean term of the main loss, already computed at this step's w (the previous meta
             step's `clean_pass`, valid only if the real step applied exactly that step's virtual update). Unused when
-            the look-ahead discount needs this batch's own clean gradient at w.
+            the look-ahead discount needs this batch's own clean gradient at w. Consumed when used: its `grads` are
+            emptied once added into the main gradient, so that the caller's reference holds no copy through the step.
         keep_clean_pass: return the clean loss and gradient at w' as `clean_pass` (costs one parameter-sized copy,
             kept until the caller drops it).
         loss_scale: fp16 loss scaling ([`LossScale`]): every backward (main loss, clean loss at w', the

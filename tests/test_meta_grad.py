@@ -551,3 +551,16 @@ def test_virtual_step_carrying_a_graph_takes_the_per_tensor_path():
     for name in params:
         assert virtual_params[name].requires_grad
         torch.testing.assert_close(virtual_params[name], expected[name], rtol=1e-12, atol=1e-15)
+
+
+def test_a_used_carried_clean_pass_is_consumed():
+    # Its gradient is added into the main gradient; emptied then, it is not held through the rest of the step.
+    model, corrector, optimizer, batch = make_setup("adamw")
+    head = find_head_module(model)
+    first = meta_step(model, corrector, head, batch, optimizer, keep_clean_pass=True)
+    carried = first.clean_pass
+    meta_step(model, corrector, head, batch, optimizer, carried_clean_pass=carried)
+    assert carried.grads == {}
+    unused = meta_step(model, corrector, head, batch, optimizer, keep_clean_pass=True).clean_pass
+    meta_step(model, corrector, head, batch, optimizer, carried_clean_pass=unused, clean_in_main_loss=False)
+    assert len(unused.grads) == len(trainable_parameters(model))  # not used: left as it was
