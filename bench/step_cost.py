@@ -1,22 +1,32 @@
 """
-Step cost of MLC against plain fine-tuning (issue 5): wall time and peak memory of one full optimizer step.
+Step and epoch cost of MLC against plain fine-tuning (issues 5, 26, 28): wall time and peak memory of the trainers' own
+steps.
 
-    python bench/step_cost.py                 # MiniLM-L6 at lengths 64 and 128, a tiny BERT, then --interval
-    python bench/step_cost.py --quick         # MiniLM-L6 at length 64 only (about 3 minutes on 2 cores)
-    python bench/step_cost.py --interval      # only the meta_update_interval sweep (1, 2, 5)
+    python bench/step_cost.py                 # MiniLM-L6 at lengths 64 and 128, a tiny BERT, then the epoch cost
+    python bench/step_cost.py --quick         # MiniLM-L6, batch 32, length 64: step table and epoch cost
+    python bench/step_cost.py --epoch         # only the epoch cost (meta_update_interval 1, 2, 5)
+    python bench/step_cost.py --quick --docs  # ... and write the tables into docs/PERFORMANCE.md
+    python bench/step_cost.py --docs-only     # the tables of the JSON already in bench/results, into the docs
     python bench/step_cost.py --device cuda --model bert-base-random   # BERT-base shape, random weights, bf16
 
-Paths, each a whole step of training with AdamW as the main optimizer, in train mode (dropout on):
+Every path is a `Trainer` (`FinetuneTrainer` for `plain`, `MLCTrainer` for the others) built on the same in-memory
+rows (random token ids of exactly `max_length`, batch 32, a clean batch as large) and run with `trainer.train()`; a
+`TrainerCallback` times each optimizer step from `on_step_begin` to `on_step_end`: `training_step`, clipping, the
+optimizer step, the schedule and `zero_grad`, as the `Trainer`'s loop runs them (data loading and logging are
+outside). Paths (MLC with the package defaults unless named):
 
-* `plain`: forward and backward of the noisy batch, AdamW step.
-* `reference` / `fast`: `meta_step` with `meta_gradient="reference"` (double backward) / `"jvp"` (forward mode) and a
-  clean batch as large as the noisy one, the main gradient written to `.grad`, AdamW step, corrector Adam step.
-* `corrected` (interval sweep only): `corrected_label_step`, the steps between two meta steps.
+* `plain`: fine-tuning (`FinetuneTrainer`).
+* `jvp` (MLC's default `meta_gradient`), `fd`, `fd_central`, `reference`: an MLC step with that `meta_gradient`.
+* variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`.
 
-Times are medians over interleaved repeats in one process (plain, reference, fast, plain, ...), so that drift of a
-shared machine hits every path alike. Peak memory on CPU is measured in a fresh subprocess per path (the RSS high-water
-mark only grows): peak RSS minus the RSS just before the first step, optimizer states already allocated. On CUDA it is
-`max_memory_allocated` minus the memory allocated before the step. Results go to `bench/results/`.
+Times are medians over steps run in turn, one step of each path per round (each trainer runs in its own thread and
+waits for its turn at `on_step_begin`), so that drift of a shared machine hits every path alike. Peak memory is
+measured in a fresh subprocess per path (the RSS high-water mark only grows): peak RSS minus the RSS before the first
+step, optimizer states already allocated; on CUDA `max_memory_allocated` minus the memory allocated before it.
+
+The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2 and 5) the same way over
+`--epoch-steps` steps each (a whole number of meta-update cycles) and extrapolates each to an epoch of
+`EPOCH_ROWS` noisy rows (+ `EPOCH_CLEAN_ROWS` trusted rows in fine-tuning's epoch). Results go to `bench/results/`.
 """
 
 from __future__ import annotations
@@ -34,8 +44,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,40 +53,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    PrinterCallback,
+    TrainerCallback,
+    default_data_collator,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from mlc_text.meta_grad import (  # noqa: E402
-    CleanPass,
-    MetaBatch,
-    corrected_label_step,
-    meta_step,
-    trainable_parameters,
-)
-from mlc_text.meta_net import LabelCorrector, find_head_module  # noqa: E402
+from mlc_text.baselines import FinetuneTrainer  # noqa: E402
+from mlc_text.config import MLCTrainingArguments  # noqa: E402
 from mlc_text.reporting import format_results_table  # noqa: E402
+from mlc_text.trainer import MLCTrainer  # noqa: E402
 
-__all__ = ["StepCase", "StepBench", "build_model", "random_batch", "time_cases", "run_step_cost", "run_interval"]
+__all__ = [
+    "StepCase",
+    "EpochCase",
+    "default_cases",
+    "build_model",
+    "random_rows",
+    "build_trainer",
+    "run_in_turns",
+    "run_step_cost",
+    "run_epoch_cost",
+    "render_tables",
+    "update_docs",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+DOCS_START, DOCS_END = "<!-- step_cost tables: start -->", "<!-- step_cost tables: end -->"
 NUM_LABELS = 4
 MODELS = ("minilm", "tiny-bert", "bert-base-random")
+PATHS = ("plain", "jvp", "fd", "fd_central", "reference")
+VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss")
 INTERVALS = (1, 2, 5)
-EPOCH_ROWS = 6000
+EPOCH_GRADIENTS = ("jvp", "fd")
+EPOCH_ROWS, EPOCH_CLEAN_ROWS = 6000, 80  # an AG News cell of the accuracy grid: 6000 noisy rows, 20 trusted per class
 
 
 @dataclass(frozen=True)
 class StepCase:
     """One step type: the path, the autocast precision and a variant of the MLC settings."""
 
-    path: str  # plain | reference | fast | corrected
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    path: str  # plain | jvp | fd | fd_central | reference
+    precision: str = "fp32"  # fp32 | bf16 | fp16
     variant: str = "default"  # default | no_reuse | no_clean_in_main_loss
+
+    def __post_init__(self):
+        if self.path not in PATHS or self.precision not in ("fp32", "bf16", "fp16") or self.variant not in VARIANTS:
+            raise ValueError(
+                f"a case is path:precision:variant with path in {', '.join(PATHS)}, precision fp32, bf16 or fp16 and "
+                f"variant in {', '.join(VARIANTS)}; got {self.key!r}"
+            )
 
     @property
     def key(self) -> str:
@@ -84,39 +117,72 @@ class StepCase:
 
     @classmethod
     def from_key(cls, key: str) -> StepCase:
-        return cls(*key.split(":"))
+        path, *rest = key.split(":")
+        return cls("jvp" if path == "fast" else path, *rest)  # "fast": the name of the jvp path before issue 26
+
+    def settings(self) -> dict:
+        """The `MLCTrainingArguments` this case changes."""
+        settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
+        if self.path != "plain":
+            settings["meta_gradient"] = self.path
+        if self.variant == "no_reuse":
+            settings["reuse_clean_pass"] = False
+        if self.variant == "no_clean_in_main_loss":
+            settings["clean_in_main_loss"] = False
+        return settings
+
+
+@dataclass(frozen=True)
+class EpochCase:
+    """Fine-tuning (`meta_gradient=None`), or MLC with a meta-gradient and a `meta_update_interval`."""
+
+    meta_gradient: str | None
+    interval: int = 1
+    precision: str = "fp32"
+
+    @property
+    def key(self) -> str:
+        return "finetune" if self.meta_gradient is None else f"mlc:{self.meta_gradient}:every {self.interval}"
+
+    def settings(self) -> dict:
+        settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
+        if self.meta_gradient is not None:
+            settings.update(meta_gradient=self.meta_gradient, meta_update_interval=self.interval)
+        return settings
 
 
 def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
     """
-    The step types measured: the three paths, then the cheaper settings. bf16 is the GPU default; on CPU it is opt-in
-    (`--bf16`, to keep the CPU run short) and then only measured where the CPU has bf16 instructions (AVX512-BF16 or
-    AMX): elsewhere autocast emulates it and a step takes many times longer than in float32 (pass
-    `--cases plain:bf16:default fast:bf16:default` to see it anyway).
+    The step types measured: every path, then the cheaper settings. bf16 is the GPU default; on CPU it is opt-in
+    (`--bf16`) and then only measured where the CPU has bf16 instructions (AVX512-BF16 or AMX): elsewhere autocast
+    emulates it and a step takes many times longer than in float32 (`--cases plain:bf16:default jvp:bf16:default`
+    measures it anyway).
     """
-    if device == "cuda":
-        return [StepCase(path, "bf16") for path in ("plain", "reference", "fast")] + [
-            StepCase("fast", "bf16", "no_reuse"),
-            StepCase("fast", "bf16", "no_clean_in_main_loss"),
-        ]
-    cases = [StepCase(path) for path in ("plain", "reference", "fast")]
-    cases += [StepCase("fast", variant="no_reuse"), StepCase("fast", variant="no_clean_in_main_loss")]
-    if bf16 and cpu_has_bf16():
-        cases += [StepCase("plain", "bf16"), StepCase("fast", "bf16")]
-    elif bf16:
+    precision = "bf16" if device == "cuda" else "fp32"
+    cases = [StepCase(path, precision) for path in ("plain", "jvp", "fd", "fd_central", "reference")]
+    cases += [StepCase("jvp", precision, "no_reuse"), StepCase("jvp", precision, "no_clean_in_main_loss")]
+    if device == "cpu" and bf16 and cpu_has_bf16():
+        cases += [StepCase("plain", "bf16"), StepCase("jvp", "bf16"), StepCase("fd", "bf16")]
+    elif device == "cpu" and bf16:
         print("no bf16 instructions on this CPU (avx512_bf16 / amx_bf16): bf16 autocast steps left out")
     return cases
 
 
+def epoch_cases(precision: str) -> list[EpochCase]:
+    cases = [EpochCase(None, precision=precision)]
+    return cases + [EpochCase(gradient, n, precision) for gradient in EPOCH_GRADIENTS for n in INTERVALS]
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU flags include a native bf16 matrix instruction set."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):
         with open("/proc/cpuinfo") as cpuinfo:
             flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read(), re.MULTILINE).group(1).split())
             return bool(flags & {"avx512_bf16", "amx_bf16"})
     return False
 
 
+# --------------------------------------------------------------------------------------------------- set-up
 def build_model(name: str, device: str, seed: int = 0) -> nn.Module:
     """The main net: pretrained MiniLM-L6 (offline), a tiny BERT, or BERT-base with random weights."""
     torch.manual_seed(seed)
@@ -134,22 +200,54 @@ def build_model(name: str, device: str, seed: int = 0) -> nn.Module:
         model = BertForSequenceClassification(BertConfig(num_labels=NUM_LABELS))
     else:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
-    return model.to(device).train()
+    return model.to(device)
 
 
-def random_batch(
-    vocab_size: int, batch_size: int, max_length: int, device: str, seed: int
-) -> tuple[dict, torch.Tensor]:
-    """Random token ids of exactly `max_length` (no padding) and random labels: the cost depends on shape only."""
+def random_rows(vocab_size: int, num_rows: int, max_length: int, seed: int) -> Dataset:
+    """Rows of random token ids of exactly `max_length` (no padding) and random labels: the cost depends on shape."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1000, vocab_size, (batch_size, max_length), generator=generator)
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "token_type_ids": torch.zeros_like(input_ids),
-    }
-    labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator)
-    return {key: value.to(device) for key, value in inputs.items()}, labels.to(device)
+    input_ids = torch.randint(1000, vocab_size, (num_rows, max_length), generator=generator)
+    return Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": torch.ones_like(input_ids).tolist(),
+            "token_type_ids": torch.zeros_like(input_ids).tolist(),
+            "label": torch.randint(0, NUM_LABELS, (num_rows,), generator=generator).tolist(),
+        }
+    )
+
+
+def build_trainer(args, model_name: str, max_length: int, settings: dict, max_steps: int, output_dir: str):
+    """
+    A `FinetuneTrainer` (no `meta_gradient` in `settings`) or an `MLCTrainer` with the package defaults changed by
+    `settings`, on `max_steps` batches of noisy rows and 4 clean batches; AdamW at 2e-5, weight decay 0.01 and the
+    `Trainer`'s clipping (max_grad_norm 1), no logging, no checkpoints.
+    """
+    model = build_model(model_name, args.device, args.seed)
+    vocab_size = model.config.vocab_size
+    noisy = random_rows(vocab_size, max_steps * args.batch_size, max_length, args.seed + 1)
+    training_args = MLCTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=max_steps,
+        learning_rate=2e-5,
+        weight_decay=0.01,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        seed=args.seed,
+        **settings,
+    )
+    common = {"model": model, "args": training_args, "train_dataset": noisy, "data_collator": default_data_collator}
+    if "meta_gradient" not in settings:
+        trainer = FinetuneTrainer(**common)
+    else:
+        clean = random_rows(vocab_size, 4 * args.batch_size, max_length, args.seed + 2)
+        trainer = MLCTrainer(clean_dataset=clean, **common)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _synchronize(device: str) -> None:
@@ -157,116 +255,107 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class StepBench:
-    """A main net, its corrector, both optimizers and one noisy + one clean batch; `step(case)` runs one step."""
+# --------------------------------------------------------------------------------------------------- timing
+class _Turns:
+    """A baton passed round-robin between the keys still running: only its holder computes."""
 
-    def __init__(self, model_name: str, max_length: int, batch_size: int, device: str, seed: int = 0):
-        self.device = device
-        self.model = build_model(model_name, device, seed)
-        self.head = find_head_module(self.model)
-        self.corrector = LabelCorrector(NUM_LABELS, self.model.config.hidden_size).to(device).train()
-        # As MLCTrainer: AdamW for the main net, Adam (amsgrad) for the corrector.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, weight_decay=0.01)
-        self.meta_optimizer = torch.optim.Adam(self.corrector.parameters(), lr=3e-5, amsgrad=True)
-        vocab_size = self.model.config.vocab_size
-        noisy = random_batch(vocab_size, batch_size, max_length, device, seed + 1)
-        clean = random_batch(vocab_size, batch_size, max_length, device, seed + 2)
-        self.batch = MetaBatch(*noisy, *clean)
-        self.max_grad_norm = 1.0  # the Trainer's default clipping, applied by every path
-        # Per step type, the clean pass at w' its last meta step kept for the next step (MLCTrainer's default
-        # `reuse_clean_pass`). Interleaving moves the weights in between, so it is not exactly at w here: the cost
-        # is the same, the numbers are not used.
-        self.carried: dict[str, CleanPass | None] = {}
+    def __init__(self, keys: list[str]):
+        self.keys, self.done, self.holder = list(keys), set(), None
+        self.condition = threading.Condition()
 
-    def autocast(self, case: StepCase) -> Callable[[], contextlib.AbstractContextManager]:
-        if case.precision == "bf16":
-            return lambda: torch.autocast(self.device, dtype=torch.bfloat16)
-        return contextlib.nullcontext
+    def start(self) -> None:
+        with self.condition:
+            self.holder = self.keys[0]
+            self.condition.notify_all()
 
-    def allocate_optimizer_states(self) -> None:
-        """Creates both optimizers' states with a zero-learning-rate step, so that a step's memory excludes them."""
-        for optimizer in (self.optimizer, self.meta_optimizer):
-            params = [param for group in optimizer.param_groups for param in group["params"]]
-            learning_rates = [group["lr"] for group in optimizer.param_groups]
-            for param in params:
-                param.grad = torch.zeros_like(param)
-            for group in optimizer.param_groups:
-                group["lr"] = 0.0
-            optimizer.step()
-            for group, learning_rate in zip(optimizer.param_groups, learning_rates):
-                group["lr"] = learning_rate
-            optimizer.zero_grad(set_to_none=True)
+    def wait(self, key: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.holder == key)
 
-    def step(self, case: StepCase) -> None:
-        if case.path == "plain":
-            self._plain_step(self.autocast(case))
-        else:
-            self._mlc_step(case)
+    def release(self, key: str, finished: bool = False) -> None:
+        with self.condition:
+            if finished:
+                self.done.add(key)
+            if self.holder == key:
+                position = self.keys.index(key)
+                rest = self.keys[position + 1 :] + self.keys[: position + 1]
+                self.holder = next((other for other in rest if other not in self.done), None)
+            self.condition.notify_all()
 
-    def _plain_step(self, autocast) -> None:
-        with autocast():
-            logits = self.model(**self.batch.noisy_inputs).logits
-        nn.functional.cross_entropy(logits.float(), self.batch.noisy_labels).backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
-    def _mlc_step(self, case: StepCase) -> None:
-        common = {
-            "clean_in_main_loss": case.variant != "no_clean_in_main_loss",
-            "autocast": self.autocast(case),
-            "carried_clean_pass": self.carried.pop(case.key, None),
-        }
-        if case.path == "corrected":
-            out = corrected_label_step(self.model, self.corrector, self.head, self.batch, **common)
-        elif case.path in ("reference", "fast"):
-            meta_gradient = "jvp" if case.path == "fast" else "reference"
-            out = meta_step(
-                self.model,
-                self.corrector,
-                self.head,
-                self.batch,
-                self.optimizer,
-                meta_gradient=meta_gradient,
-                max_grad_norm=self.max_grad_norm,
-                keep_clean_pass=case.variant == "default",
-                **common,
-            )
-            self.carried[case.key] = out.clean_pass
-            out.clean_pass = None
-        else:
-            raise ValueError(f"path must be plain, reference, fast or corrected, got {case.path!r}")
-        for name, param in trainable_parameters(self.model).items():
-            param.grad = out.main_grads[name]
-        del out.main_grads
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if out.meta_grads:
-            for param, grad in zip(self.corrector.parameters(), out.meta_grads):
-                param.grad = grad
-            self.meta_optimizer.step()
-            self.meta_optimizer.zero_grad(set_to_none=True)
+class _StepTimer(TrainerCallback):
+    """
+    Waits for its turn before each optimizer step, times it, and passes the turn on at the next step's start (the
+    last step's holder passes it when `train()` has returned, so that its clean-up overlaps no one's step).
+    """
 
-    def timed(self, run: Callable[[], None]) -> float:
+    def __init__(self, key: str, turns: _Turns, device: str, ready: threading.Event):
+        self.key, self.turns, self.device, self.ready = key, turns, device, ready
+        self.times: list[float] = []
+        self.holding, self.start = False, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.holding:
+            self.turns.release(self.key)
+        self.ready.set()
+        self.turns.wait(self.key)
+        self.holding = True
         _synchronize(self.device)
-        start = time.perf_counter()
-        run()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
         _synchronize(self.device)
-        return time.perf_counter() - start
+        self.times.append(time.perf_counter() - self.start)
 
 
-def time_cases(bench: StepBench, cases: list[StepCase], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per step of each case, the cases interleaved round by round after `warmup` rounds."""
-    for _ in range(warmup):
-        for case in cases:
-            bench.step(case)
-    times: dict[str, list[float]] = {case.key: [] for case in cases}
-    for round_index in range(repeats):
-        for case in cases:
-            times[case.key].append(bench.timed(lambda case=case: bench.step(case)))
-        print(f"  round {round_index + 1}/{repeats}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items()))
-    return {key: statistics.median(values) for key, values in times.items()}
+def run_in_turns(trainers: dict[str, object], device: str, verbose: bool = True) -> dict[str, list[float]]:
+    """
+    Trains every trainer (`trainer.train()`, each in its own thread), one optimizer step of each in turn, round by
+    round; returns the seconds of each step, by key. The trainers are set up one after the other (each reaches its
+    first step before the next starts), so only one thread computes at a time.
+    """
+    turns = _Turns(list(trainers))
+    timers, threads, errors = {}, [], []
+
+    def train(key: str, trainer) -> None:
+        try:
+            trainer.train()
+        except BaseException as error:  # re-raised in the main thread
+            errors.append((key, error))
+        finally:
+            turns.release(key, finished=True)
+            timers[key].ready.set()
+
+    for key, trainer in trainers.items():
+        timers[key] = _StepTimer(key, turns, device, threading.Event())
+        trainer.add_callback(timers[key])
+        thread = threading.Thread(target=train, args=(key, trainer), name=f"step_cost {key}")
+        thread.start()
+        threads.append(thread)
+        timers[key].ready.wait()
+    turns.start()
+    rounds_printed = 0
+    while alive := [thread for thread in threads if thread.is_alive()]:
+        alive[0].join(timeout=0.5)  # a finished thread's join returns at once: wait on one still running
+        rounds_printed = _print_rounds(timers, rounds_printed) if verbose else rounds_printed
+    for thread in threads:
+        thread.join()
+    if errors:
+        key, error = errors[0]
+        raise RuntimeError(f"step_cost: the {key} trainer failed") from error
+    if verbose:
+        _print_rounds(timers, rounds_printed, final=True)
+    return {key: timer.times for key, timer in timers.items()}
+
+
+def _print_rounds(timers: dict[str, _StepTimer], printed: int, final: bool = False) -> int:
+    """Prints the rounds every trainer still running has finished since `printed`; returns the rounds printed."""
+    counts = [len(timer.times) for timer in timers.values()]
+    complete = max(counts) if final else min(counts)
+    for index in range(printed, complete):
+        times = [f"{key}={timer.times[index]:.2f}s" for key, timer in timers.items() if index < len(timer.times)]
+        print(f"  round {index + 1}: " + ", ".join(times), flush=True)
+    return max(printed, complete)
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -288,50 +377,79 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def probe_cpu_memory(bench: StepBench, case: StepCase, steps: int) -> dict[str, float]:
-    """
-    Peak RSS increase over `steps` steps of `case` after one warm-up step, above the RSS before the warm-up step (so
-    that what a path keeps from one step to the next, like the carried clean pass, counts). To be run in a fresh
-    process, as the peak only grows.
-    """
-    bench.allocate_optimizer_states()
-    gc.collect()
-    base_kb = _proc_status_kb("VmRSS")
-    bench.step(case)
-    gc.collect()
-    reset = _reset_rss_peak()
-    for _ in range(steps):
-        bench.step(case)
-    # ru_maxrss is the lifetime peak (in kB on Linux): an upper bound when VmHWM could not be reset.
-    peak_kb = _proc_status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mem_mb": (peak_kb - base_kb) / 1024, "base_mem_mb": base_kb / 1024}
+class _MemoryProbe(TrainerCallback):
+    """Memory before the first step, then the peak over the steps after it (the first one is a warm-up)."""
+
+    def __init__(self, device: str):
+        self.device, self.base, self.reset, self.result = device, 0, True, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            gc.collect()
+            self.base = torch.cuda.memory_allocated() if self.device == "cuda" else _proc_status_kb("VmRSS") * 1024
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:  # after the warm-up step: what it left (a carried clean pass) stays counted
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self.reset = _reset_rss_peak()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            # ru_maxrss is the lifetime peak (in kB on Linux): an upper bound when VmHWM could not be reset.
+            kb = _proc_status_kb("VmHWM") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = kb * 1024
+        self.result = {"peak_mem_mb": (peak - self.base) / 2**20, "base_mem_mb": self.base / 2**20}
 
 
-def measure_cpu_memory(args, model_name: str, max_length: int, case: StepCase) -> dict[str, float]:
-    """Runs `probe_cpu_memory` for `case` in a subprocess of this script and returns its result."""
+def allocate_optimizer_states(trainer) -> None:
+    """Creates the main optimizer and its state with a zero-learning-rate step, so that a step's memory excludes it."""
+    optimizer = trainer.create_optimizer()
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, learning_rate in zip(optimizer.param_groups, learning_rates):
+        group["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+
+
+def probe_memory(args, case: StepCase) -> dict[str, float]:
+    """In this process: peak memory of `args.probe_steps` steps of `case` after one warm-up step."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(
+            args, args.models[0], args.lengths[0], case.settings(), 1 + args.probe_steps, output_dir
+        )
+        allocate_optimizer_states(trainer)
+        probe = _MemoryProbe(args.device)
+        trainer.add_callback(probe)
+        trainer.train()
+    return probe.result
+
+
+def measure_memory(args, model_name: str, max_length: int, case: StepCase) -> dict[str, float]:
+    """Runs `probe_memory` for `case` in a subprocess of this script and returns its result."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "probe.json")
         command = [sys.executable, __file__, "--memory-probe", out_path, "--probe-case", case.key]
         command += ["--model", model_name, "--lengths", str(max_length), "--batch-size", str(args.batch_size)]
         command += ["--threads", str(args.threads), "--seed", str(args.seed), "--probe-steps", str(args.probe_steps)]
+        command += ["--device", args.device]
         # Large blocks straight from mmap, returned to the kernel when freed: RSS then follows the live tensors
         # instead of what glibc's heap keeps after frees (which made single probes differ by ~100 MB).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
         subprocess.run(command, check=True, env=env)
         with open(out_path) as handle:
             return json.load(handle)
-
-
-def measure_cuda_memory(bench: StepBench, case: StepCase) -> dict[str, float]:
-    """Peak allocated memory during one (warm) step of `case`, above what was allocated before it."""
-    bench.step(case)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    bench.step(case)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return {"peak_mem_mb": (peak - base) / 2**20, "base_mem_mb": base / 2**20, "peak_total_mb": peak / 2**20}
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -367,78 +485,68 @@ def _ratios(rows: list[dict]) -> None:
 
 def run_step_cost(args) -> list[dict]:
     """Times and memory of every case for each model x length; returns the JSON rows."""
-    rows, cases = (
-        [],
-        [StepCase.from_key(key) for key in args.cases] if args.cases else default_cases(args.device, args.bf16),
-    )
+    cases = [StepCase.from_key(key) for key in args.cases] if args.cases else default_cases(args.device, args.bf16)
+    rows = []
     for model_name in args.models:
         for max_length in args.lengths:
             print(f"{model_name}, batch {args.batch_size}, max_length {max_length}: timing {len(cases)} step types")
-            bench = StepBench(model_name, max_length, args.batch_size, args.device, args.seed)
-            medians = time_cases(bench, cases, args.warmup, args.repeats)
+            with tempfile.TemporaryDirectory() as output_dir:
+                max_steps = args.warmup + args.repeats
+                trainers = {
+                    case.key: build_trainer(
+                        args, model_name, max_length, case.settings(), max_steps, f"{output_dir}/{index}"
+                    )
+                    for index, case in enumerate(cases)
+                }
+                times = run_in_turns(trainers, args.device)
+            del trainers
+            gc.collect()
             for case in cases:
-                if args.no_memory:
-                    memory = {"peak_mem_mb": None}
-                elif args.device == "cuda":
-                    memory = measure_cuda_memory(bench, case)
-                else:
-                    memory = measure_cpu_memory(args, model_name, max_length, case)
+                memory = {} if args.no_memory else measure_memory(args, model_name, max_length, case)
                 row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size}
                 row.update(path=case.path, precision=case.precision, variant=case.variant)
-                row.update(step_s=round(medians[case.key], 4), repeats=args.repeats)
-                row.update({key: round(value, 1) for key, value in memory.items() if value is not None})
+                row.update(step_s=round(statistics.median(times[case.key][args.warmup :]), 4), repeats=args.repeats)
+                row["step_times_s"] = [round(value, 3) for value in times[case.key][args.warmup :]]
+                row.update({key: round(value, 1) for key, value in memory.items()})
                 rows.append({**row, **machine_info(args)})
-            del bench
-            gc.collect()
     _ratios(rows)
     return rows
 
 
-def run_interval(args) -> list[dict]:
+def run_epoch_cost(args) -> list[dict]:
     """
-    Average time per optimizer step when the fast meta step runs every N steps and the steps between are
-    corrected-label steps, for N in `INTERVALS`; cycles of each N interleaved with plain steps, round by round.
+    Mean seconds per optimizer step of fine-tuning and of MLC at each `meta_update_interval` over `--epoch-steps`
+    steps (after `--warmup` steps), the trainers in turn; each extrapolated to an epoch of `EPOCH_ROWS` noisy rows.
     """
     model_name, max_length = args.models[0], args.lengths[0]
-    print(f"meta_update_interval sweep: {model_name}, batch {args.batch_size}, max_length {max_length}")
-    bench = StepBench(model_name, max_length, args.batch_size, args.device, args.seed)
+    if any(args.epoch_steps % interval for interval in INTERVALS):
+        raise ValueError(f"--epoch-steps must be a multiple of every interval {INTERVALS}, got {args.epoch_steps}")
     precision = "bf16" if args.device == "cuda" else "fp32"
-    plain, fast, corrected = (
-        StepCase("plain", precision),
-        StepCase("fast", precision),
-        StepCase("corrected", precision),
-    )
-
-    def cycle(interval: int) -> None:
-        bench.step(fast)
-        for _ in range(interval - 1):
-            bench.step(corrected)
-
-    runs = {"plain": lambda: bench.step(plain), **{interval: lambda n=interval: cycle(n) for interval in INTERVALS}}
-    for run in runs.values():  # warm-up
-        run()
-    per_step: dict[object, list[float]] = {key: [] for key in runs}
-    for round_index in range(args.repeats):
-        for key, run in runs.items():
-            per_step[key].append(bench.timed(run) / (1 if key == "plain" else key))
-        print(
-            f"  round {round_index + 1}/{args.repeats}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in per_step.items())
-        )
-    return _interval_rows(args, model_name, max_length, precision, per_step)
-
-
-def _interval_rows(args, model_name, max_length, precision, per_step) -> list[dict]:
-    steps_per_epoch = math.ceil(EPOCH_ROWS / args.batch_size)
-    plain_s = statistics.median(per_step["plain"])
+    cases = epoch_cases(precision)
+    print(f"epoch cost: {model_name}, batch {args.batch_size}, max_length {max_length}, {args.epoch_steps} steps each")
+    with tempfile.TemporaryDirectory() as output_dir:
+        max_steps = args.warmup + args.epoch_steps
+        trainers = {
+            case.key: build_trainer(args, model_name, max_length, case.settings(), max_steps, f"{output_dir}/{i}")
+            for i, case in enumerate(cases)
+        }
+        times = run_in_turns(trainers, args.device)
+    finetune_steps = math.ceil((EPOCH_ROWS + EPOCH_CLEAN_ROWS) / args.batch_size)
+    mlc_steps = math.ceil(EPOCH_ROWS / args.batch_size)
     rows = []
-    for key, values in per_step.items():
-        step_s = statistics.median(values)
-        row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size}
-        row.update(path="plain" if key == "plain" else "fast", precision=precision)
-        row.update(meta_update_interval=None if key == "plain" else key, step_s=round(step_s, 4))
-        row.update(epoch_rows=EPOCH_ROWS, steps_per_epoch=steps_per_epoch, epoch_s=round(step_s * steps_per_epoch, 1))
-        row.update(ratio_to_plain=round(step_s / plain_s, 3), repeats=args.repeats)
+    for case in cases:
+        step_s = statistics.fmean(times[case.key][args.warmup :])
+        steps = finetune_steps if case.meta_gradient is None else mlc_steps
+        row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size, "precision": precision}
+        row.update(method="finetune" if case.meta_gradient is None else "mlc", meta_gradient=case.meta_gradient)
+        row.update(meta_update_interval=None if case.meta_gradient is None else case.interval)
+        row.update(step_s=round(step_s, 4), measured_steps=args.epoch_steps, epoch_rows=EPOCH_ROWS)
+        row.update(steps_per_epoch=steps, epoch_s=round(step_s * steps, 1))
         rows.append({**row, **machine_info(args)})
+    finetune = next(row for row in rows if row["method"] == "finetune")
+    for row in rows:
+        row["epoch_ratio_to_finetune"] = round(row["epoch_s"] / finetune["epoch_s"], 3)
+        row["step_ratio_to_finetune"] = round(row["step_s"] / finetune["step_s"], 3)
     return rows
 
 
@@ -450,24 +558,91 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _provenance(rows: list[dict]) -> str:
+    first = rows[0]
+    where = first.get("cpu") or first.get("gpu") or first["device"]
+    return (
+        f"`{first['command']}` on {where} ({first['device']}, torch {first['torch']}, {first['threads']} threads; "
+        f"1-minute load average {first['load_avg_at_start']} at the start)"
+    )
+
+
+def render_tables(step_rows: list[dict] | None, epoch_rows: list[dict] | None) -> str:
+    """The markdown tables of a step-cost run and an epoch-cost run (either may be missing), with their commands."""
+    parts = []
+    if step_rows:
+        columns = [("model", "model"), ("max_length", "length"), ("path", "path"), ("variant", "variant")]
+        columns += [("precision", "precision"), ("step_s", "s / step (median)"), ("ratio_to_plain", "x plain")]
+        columns += [("peak_mem_mb", "peak memory (MB)"), ("mem_ratio_to_plain", "x plain")]
+        parts += [f"Step cost, batch {step_rows[0]['batch_size']}: {_provenance(step_rows)}.", ""]
+        parts += _markdown(step_rows, columns) + [""]
+    if epoch_rows:
+        first = epoch_rows[0]
+        columns = [("method", "method"), ("meta_gradient", "meta_gradient"), ("meta_update_interval", "interval")]
+        columns += [("step_s", "s / step (mean)"), ("step_ratio_to_finetune", "x fine-tuning step")]
+        columns += [("epoch_s", "epoch (s)"), ("epoch_ratio_to_finetune", "x fine-tuning epoch")]
+        parts += [
+            f"Epoch cost, {first['model']}, batch {first['batch_size']}, length {first['max_length']}, "
+            f"{first['precision']}: {_provenance(epoch_rows)}; the mean of {first['measured_steps']} steps, "
+            f"extrapolated to an epoch of {first['epoch_rows']} noisy rows ({first['steps_per_epoch']} MLC steps; "
+            f"fine-tuning also trains on the {EPOCH_CLEAN_ROWS} trusted rows).",
+            "",
+        ]
+        parts += _markdown(epoch_rows, columns) + [""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def update_docs(text: str, path: Path = DOCS_PATH) -> None:
+    """Replaces what lies between the step-cost markers of `path` with `text`."""
+    page = path.read_text()
+    if DOCS_START not in page or DOCS_END not in page:
+        raise ValueError(f"{path} has no {DOCS_START} ... {DOCS_END} markers")
+    head, rest = page.split(DOCS_START, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    path.write_text(f"{head}{DOCS_START}\n{text}{DOCS_END}{tail}")
+    print(f"wrote the tables into {path}")
+
+
+def _read_json(path: Path) -> list[dict] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", dest="models", action="append", choices=MODELS, help="repeatable")
     parser.add_argument("--lengths", type=int, nargs="+", help="max_length values (default 64 128)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of each type")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer before the timed ones")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each type (the median is reported)")
+    parser.add_argument("--epoch-steps", type=int, default=10, help="timed steps of each trainer in the epoch cost")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="MiniLM at length 64 only, no interval sweep")
-    parser.add_argument("--interval", action="store_true", help="only the meta_update_interval sweep")
+    parser.add_argument("--quick", action="store_true", help="MiniLM at length 64 only")
+    parser.add_argument("--epoch", "--interval", dest="epoch", action="store_true", help="only the epoch cost")
+    parser.add_argument("--no-epoch", action="store_true", help="only the step cost")
     parser.add_argument("--bf16", action="store_true", help="on CPU, also bf16 autocast steps (if the CPU has bf16)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--cases", nargs="+", help="step types as path:precision:variant (default: all)")
     parser.add_argument(
         "--output", type=Path, help="JSON of the step costs (default bench/results/step_cost-DEVICE.json)"
     )
+    parser.add_argument(
+        "--epoch-output", type=Path, help="JSON of the epoch costs (default .../epoch_cost-DEVICE.json)"
+    )
+    parser.add_argument("--docs", action="store_true", help="write the tables into docs/PERFORMANCE.md")
+    parser.add_argument("--docs-only", action="store_true", help="only write the tables of the JSON files")
     parser.add_argument("--probe-steps", type=int, help="steps per memory probe (default 2, 1 with --quick)")
     parser.add_argument("--memory-probe", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--probe-case", help=argparse.SUPPRESS)
@@ -476,35 +651,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.load_avg_at_start = round(os.getloadavg()[0], 2)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.epoch_steps < 1:
+        parser.error("--batch-size, --repeats and --epoch-steps must be >= 1 and --warmup >= 0")
     default_models = ["bert-base-random"] if args.device == "cuda" else ["minilm", "tiny-bert"]
-    args.models = args.models or (["minilm"] if args.quick or args.interval else default_models)
-    args.lengths = args.lengths or ([64] if args.quick or args.interval else [64, 128])
+    args.models = args.models or (["minilm"] if args.quick or args.epoch else default_models)
+    args.lengths = args.lengths or ([64] if args.quick or args.epoch else [64, 128])
     args.probe_steps = args.probe_steps or (1 if args.quick else 2)
+    args.output = args.output or RESULTS_DIR / f"step_cost-{args.device}.json"
+    args.epoch_output = args.epoch_output or RESULTS_DIR / f"epoch_cost-{args.device}.json"
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report, once per probe
+    hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report, once per trainer
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_probe:
-        bench = StepBench(args.models[0], args.lengths[0], args.batch_size, args.device, args.seed)
-        result = probe_cpu_memory(bench, StepCase.from_key(args.probe_case), steps=args.probe_steps)
+        result = probe_memory(args, StepCase.from_key(args.probe_case))
         Path(args.memory_probe).write_text(json.dumps(result))
         return
-    columns = ["model", "max_length", "batch_size", "path", "precision", "variant", "step_s", "ratio_to_plain"]
-    if not args.interval:
-        rows = run_step_cost(args)
-        print(format_results_table(rows, columns + ["peak_mem_mb", "mem_ratio_to_plain"]))
-        write_rows(rows, args.output or RESULTS_DIR / f"step_cost-{args.device}.json")
-    if args.interval or not (args.quick or args.cases):
-        rows = run_interval(args)
-        columns = ["model", "max_length", "path", "meta_update_interval", "step_s", "epoch_s", "ratio_to_plain"]
-        print(format_results_table(rows, columns))
-        write_rows(rows, RESULTS_DIR / f"meta_update_interval-{args.device}.json")
+    if args.docs_only:
+        update_docs(render_tables(_read_json(args.output), _read_json(args.epoch_output)))
+        return
+    step_rows = epoch_rows = None
+    if not args.epoch:
+        step_rows = run_step_cost(args)
+        columns = ["model", "max_length", "path", "variant", "precision", "step_s", "ratio_to_plain"]
+        print(format_results_table(step_rows, columns + ["peak_mem_mb", "mem_ratio_to_plain"]))
+        write_rows(step_rows, args.output)
+    if not args.no_epoch and not args.cases:
+        epoch_rows = run_epoch_cost(args)
+        columns = ["method", "meta_gradient", "meta_update_interval", "step_s", "step_ratio_to_finetune", "epoch_s"]
+        print(format_results_table(epoch_rows, columns + ["epoch_ratio_to_finetune"]))
+        write_rows(epoch_rows, args.epoch_output)
+    if args.docs:
+        update_docs(render_tables(step_rows or _read_json(args.output), epoch_rows or _read_json(args.epoch_output)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The accuracy benchmark's bookkeeping: resumable grid, input checks, and the report's statistics."""
+"""
+The accuracy benchmark's bookkeeping: resumable grid, input checks, and the report's statistics; step_cost's runner
+and its tables.
+"""
 
 from __future__ import annotations
 
@@ -368,3 +371,75 @@ def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, dat
     assert "sel5" in load("rows").run_folder_name(runs[0]) and "sel" not in load("rows").run_folder_name(plain[0])
     with pytest.raises(SystemExit, match="--select_on_trusted 20 must be >= 0 and leave trusted rows"):
         accuracy.parse_args([*argv, "--select_on_trusted", "20"])
+
+
+# ------------------------------------------------------------------------------------------------ step_cost
+def test_step_cost_times_the_trainers_own_steps_in_turn(tmp_path):
+    # Two trainers (fine-tuning and MLC with the forward difference) on a tiny BERT: each runs its own
+    # `trainer.train()`, one optimizer step of each per round.
+    from transformers import TrainerCallback
+
+    step_cost = load("step_cost")
+    args = step_cost.parse_args(["--model", "tiny-bert", "--lengths", "8", "--batch-size", "4", "--threads", "1"])
+    cases = [step_cost.StepCase("plain"), step_cost.StepCase("fd")]
+    trainers = {
+        case.key: step_cost.build_trainer(args, "tiny-bert", 8, case.settings(), 3, str(tmp_path / case.path))
+        for case in cases
+    }
+    assert type(trainers["plain:fp32:default"]).__name__ == "FinetuneTrainer"
+    assert trainers["fd:fp32:default"].args.meta_gradient == "fd"
+    order = []
+
+    class Order(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_step_end(self, args, state, control, **kwargs):
+            order.append(self.key)
+
+    for key, trainer in trainers.items():
+        trainer.add_callback(Order(key))
+    times = step_cost.run_in_turns(trainers, "cpu", verbose=False)
+    assert order == ["plain:fp32:default", "fd:fp32:default"] * 3
+    assert all(len(values) == 3 and all(value > 0 for value in values) for values in times.values())
+    assert all(trainer.state.global_step == 3 for trainer in trainers.values())
+    assert step_cost.StepCase.from_key("fast:fp32:no_reuse") == step_cost.StepCase("jvp", "fp32", "no_reuse")
+    with pytest.raises(ValueError, match="path in plain"):
+        step_cost.StepCase("double_backward")
+
+
+def test_step_cost_tables_go_between_the_docs_markers(tmp_path):
+    step_cost = load("step_cost")
+    machine = {"command": "python bench/step_cost.py --quick", "device": "cpu", "cpu": "AMD EPYC", "torch": "2.13"}
+    machine.update(threads=2, load_avg_at_start=0.5)
+    step_rows = [
+        {
+            "model": "minilm",
+            "max_length": 64,
+            "batch_size": 32,
+            "path": path,
+            "variant": "default",
+            "precision": "fp32",
+        }
+        | {"step_s": seconds, "ratio_to_plain": seconds / 1.3, "peak_mem_mb": 469.0, "mem_ratio_to_plain": 1.0}
+        | machine
+        for path, seconds in (("plain", 1.3), ("fd", 3.0))
+    ]
+    epoch_rows = [
+        {"model": "minilm", "max_length": 64, "batch_size": 32, "precision": "fp32", "method": "finetune"}
+        | {"meta_gradient": None, "meta_update_interval": None, "step_s": 1.3, "step_ratio_to_finetune": 1.0}
+        | {"epoch_s": 247.0, "epoch_ratio_to_finetune": 1.0, "measured_steps": 10, "epoch_rows": 6000}
+        | {"steps_per_epoch": 188}
+        | machine
+    ]
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text(f"# Performance\n\nbefore\n{step_cost.DOCS_START}\nold table\n{step_cost.DOCS_END}\nafter\n")
+    step_cost.update_docs(step_cost.render_tables(step_rows, epoch_rows), page)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Performance\n\nbefore\n") and text.endswith("after\n")
+    assert "| minilm | 64 | fd | default | fp32 | 3.00 | 2.31 | 469.00 | 1.00 |" in text
+    assert "`python bench/step_cost.py --quick`" in text and "load average 0.5" in text
+    assert "| finetune | - | - | 1.30 | 1.00 | 247.00 | 1.00 |" in text
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        step_cost.update_docs("table", tmp_path / "plain.md")
