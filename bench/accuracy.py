@@ -184,6 +184,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_learning_rate"] = meta_lr
                 if args.mlc_settings:
                     run["mlc_settings"] = settings_key(args.mlc_settings)
+            run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs
 

@@ -12,7 +12,7 @@ import os
 import re
 
 # Fields that rows written before they were recorded lack, with the one value those rows used.
-LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0}
+LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0, "mlc_defaults": False}
 
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
@@ -34,6 +34,10 @@ KEY_FIELDS = (
     "max_length",
     "meta_learning_rate",
     "mlc_settings",
+    # An MLC run on the package's defaults of its day (no --mlc_settings, the default meta learning rate): without it
+    # a row of today's defaults and an older row at the same meta learning rate (from before the defaults changed)
+    # would share a key. Rows written before the field existed read as False.
+    "mlc_defaults",
 )
 
 

@@ -44,8 +44,9 @@ class MLCTrainingArguments(TrainingArguments):
             schedule at `learning_rate`), after the first stage's budget on the noisy and clean rows.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
-        meta_learning_rate (`float`, *optional*, defaults to `3e-5`):
-            Learning rate of the label corrector's optimizer (Adam with amsgrad, as in the paper's code).
+        meta_learning_rate (`float`, *optional*, defaults to `3e-4`):
+            Learning rate of the label corrector's optimizer (Adam with amsgrad, as in the paper's code). The paper's
+            3e-5 leaves the corrector near its start in a run of a few hundred steps (docs/RESULTS.md).
         meta_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the label corrector's optimizer.
         meta_hidden_size (`int`, *optional*, defaults to `128`):
@@ -55,12 +56,13 @@ class MLCTrainingArguments(TrainingArguments):
         gradient_steps (`int`, *optional*, defaults to `1`):
             The paper's k-step look-ahead: the meta-gradient is accumulated with a discount factor over this many
             main-net steps before the corrector's optimizer steps.
-        skip_connection (`str`, *optional*, defaults to `"none"`):
+        skip_connection (`str`, *optional*, defaults to `"per_example"`):
             Corrected label = (1 - s) * g + s * onehot(noisy label), with the mixing weight s learned: `"none"`,
             `"global"` (one s for every row) or `"per_example"` (s from an extra output unit of the corrector, per
             row). `true` / `false` mean `"global"` / `"none"`.
-        skip_init (`float`, *optional*, defaults to `0.0`):
-            Starting logit of s (0: s = 0.5).
+        skip_init (`float`, *optional*, defaults to `2.0`):
+            Starting logit of s (0: s = 0.5; the default 2.0: s = 0.88, so the run starts near the given labels and
+            the corrector moves a row away from its label only as the meta-gradient asks).
         skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the global skip weight alone (its logit); `None` uses `meta_learning_rate`. Adam moves
             the logit by about one learning rate per step whatever the gradient's size, so at the learning rates that
@@ -114,7 +116,7 @@ class MLCTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
     )
-    meta_learning_rate: float = field(default=3e-5, metadata={"help": "Learning rate of the label corrector (Adam)."})
+    meta_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the label corrector (Adam)."})
     meta_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the label corrector."})
     meta_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the label corrector's MLP."})
     label_embedding_size: int = field(
@@ -124,12 +126,12 @@ class MLCTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "k-step look-ahead: main-net steps per corrector step, with discounting."}
     )
     skip_connection: str = field(
-        default="none",
+        default="per_example",
         metadata={
             "help": f"Anchor the corrected label to the given one by a learned weight: {', '.join(SKIP_CONNECTIONS)}."
         },
     )
-    skip_init: float = field(default=0.0, metadata={"help": "Starting logit of the skip weight (0: 0.5)."})
+    skip_init: float = field(default=2.0, metadata={"help": "Starting logit of the skip weight (0: 0.5, 2: 0.88)."})
     skip_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the global skip weight alone (None: meta_learning_rate)."},

@@ -77,7 +77,13 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     )
     assert report.method_label({"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True}) == "mlc"
     assert report.method_label({"method": "mlc", "meta_learning_rate": 1e-3, "mlc_defaults": False}) == "mlc@0.001"
-    assert mlc.get("mlc_defaults") is None and accuracy.uses_mlc_defaults(mlc) is False
+    assert mlc["mlc_defaults"] is False and accuracy.uses_mlc_defaults(mlc) is False
+    # a run on today's defaults does not share its key with an older row at the same meta learning rate
+    rate = accuracy.MLCTrainingArguments.meta_learning_rate
+    (default,) = accuracy.grid(accuracy.parse_args([*argv[:-1], str(rate), "--methods", "mlc"]))
+    assert default["mlc_defaults"] is True
+    legacy = {key: value for key, value in default.items() if key != "mlc_defaults"}
+    assert accuracy.run_key(legacy) != accuracy.run_key(default)
 
 
 def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_dir, monkeypatch):
