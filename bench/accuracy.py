@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.rows import KEY_FIELDS, RUN_FILE, row_value, run_folder_name  # noqa: E402
-from mlc_text.config import METHODS, MLCTrainingArguments  # noqa: E402
+from mlc_text.config import MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
+from mlc_text.methods import METHODS  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
 
 

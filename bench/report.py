@@ -5,7 +5,7 @@ Summarises `bench/results/accuracy.jsonl` (written by `bench/accuracy.py`) into 
 Per cell (corpus x model x noise x clean rows x epochs) and method: mean +- standard deviation of test accuracy over
 seeds, the share of the clean_only-to-oracle gap that the method recovers, the corrector's accuracy on the noisy rows
 (MLC) and wall time. Cells where the oracle is at least 4 points above clean_only (room for a method to show its
-value) get a table each, with the command that reproduces them, and the targets of issue 25 are checked over them;
+value) get a table each, with the command that reproduces them, and MLC's accuracy targets are checked over them;
 the other cells share one appendix table. The generated part of docs/RESULTS.md sits between two marker comments; the
 text around them is kept, so the written conclusions survive a regeneration. README.md's results table (between its
 own markers) is regenerated too when README.md has them.
@@ -214,7 +214,7 @@ def _twin(cell: tuple, epochs: float) -> tuple:
 
 def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     """
-    Issue 25's targets for MLC at the package defaults (`mlc`), over the cells with headroom that have it: mean
+    The accuracy targets for MLC at the package defaults (`mlc`), over the cells with headroom that have it: mean
     gain over clean_only, mean share of the gap, distance to the best other non-oracle method (mean and worst cell),
     and at 3 epochs against 1 epoch in the same cell.
     """

@@ -118,7 +118,7 @@ class StepCase:
     @classmethod
     def from_key(cls, key: str) -> StepCase:
         path, *rest = key.split(":")
-        return cls("jvp" if path == "fast" else path, *rest)  # "fast": the name of the jvp path before issue 26
+        return cls("jvp" if path == "fast" else path, *rest)  # "fast": the jvp path's former name, still accepted
 
     def settings(self) -> dict:
         """The `MLCTrainingArguments` this case changes."""
@@ -445,7 +445,7 @@ def measure_memory(args, model_name: str, max_length: int, case: StepCase) -> di
         command += ["--threads", str(args.threads), "--seed", str(args.seed), "--probe-steps", str(args.probe_steps)]
         command += ["--device", args.device]
         # Large blocks straight from mmap, returned to the kernel when freed: RSS then follows the live tensors
-        # instead of what glibc's heap keeps after frees (which made single probes differ by ~100 MB).
+        # instead of what glibc's heap keeps after frees (which makes single probes differ widely).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
         subprocess.run(command, check=True, env=env)
         with open(out_path) as handle:

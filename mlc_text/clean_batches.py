@@ -1,13 +1,18 @@
-"""An endless, seeded, epoch-shuffled stream of clean batches, sharded across processes, with a resumable position."""
+"""
+The clean (trusted) batch drawn beside each noisy batch: an endless, seeded, epoch-shuffled stream of clean batches,
+sharded across processes, with a resumable position ([`CleanBatchIterator`]), and the pair of batches one training
+step works on ([`MetaBatch`]).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["CleanBatchIterator"]
+__all__ = ["CleanBatchIterator", "MetaBatch"]
 
 
 class CleanBatchIterator:
@@ -65,9 +70,41 @@ class CleanBatchIterator:
         self.position += global_batch
         return self.collate_fn(rows)
 
+    def in_order(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """
+        Every row once, in the dataset's order, `batch_size` rows per collated batch: the same rows on every process.
+        The stream's position is left as it is.
+        """
+        for start in range(0, len(self.dataset), batch_size):
+            stop = min(start + batch_size, len(self.dataset))
+            yield self.collate_fn([self.dataset[index] for index in range(start, stop)])
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+@dataclass
+class MetaBatch:
+    """
+    A noisy batch (model inputs and given labels) and a clean batch (inputs and true labels). The meta objective is
+    the clean batch's loss at w' unless a separate meta batch (`meta_inputs`, `meta_labels`: trusted rows kept out of
+    the main loss) is given.
+    """
+
+    noisy_inputs: dict[str, torch.Tensor]
+    noisy_labels: torch.Tensor
+    clean_inputs: dict[str, torch.Tensor]
+    clean_labels: torch.Tensor
+    meta_inputs: dict[str, torch.Tensor] | None = None
+    meta_labels: torch.Tensor | None = None
+
+    @property
+    def objective(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The rows of the meta objective: `(inputs, true labels)`."""
+        if self.meta_inputs is None:
+            return self.clean_inputs, self.clean_labels
+        return self.meta_inputs, self.meta_labels

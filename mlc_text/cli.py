@@ -13,15 +13,19 @@ recipes' defaults ([`~mlc_text.pipeline.RECIPE_DEFAULTS`] and [`~mlc_text.pipeli
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import Any, get_type_hints
-
-from transformers import HfArgumentParser, TrainingArguments
+from typing import Any
 
 from . import __version__
-from .config import DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
+from .arguments import (  # noqa: F401  (MLCArgumentParser, build_parser: importable from here)
+    DEFAULT_METHODS,
+    EVALUATION_DEFAULTS,
+    RECIPE_DEFAULTS,
+    MLCArgumentParser,
+    build_parser,
+    parse_args,
+)
 
 __all__ = ["COMMANDS", "DEFAULT_METHODS", "MLCArgumentParser", "build_parser", "main", "run_command", "split_methods"]
 
@@ -29,69 +33,6 @@ COMMANDS = {
     "train": "train one method on a named corpus or your own files (what recipes/train.py runs)",
     "compare": "train several methods on one noisy split and print them side by side (recipes/compare.py)",
 }
-DEFAULT_METHODS = "mlc,finetune,clean_only"
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, NoiseArguments, MLCTrainingArguments)
-# --help lists the groups in this order; the dataclasses are still parsed (and returned) in ARGUMENT_CLASSES' order.
-GROUPS = {
-    "mlc": "method and Meta Label Correction (MLCTrainingArguments' own fields)",
-    "data": "data: a named corpus or your own files, the clean / noisy split (DataArguments)",
-    "noise": "simulated label noise (NoiseArguments)",
-    "model": "model (ModelArguments)",
-    "training": "training loop (transformers.TrainingArguments)",
-}
-_GROUP_OF_CLASS = {ModelArguments: "model", DataArguments: "data", NoiseArguments: "noise"}
-_TRAINER_FIELDS = {field.name for field in dataclasses.fields(TrainingArguments)}
-
-
-class MLCArgumentParser(HfArgumentParser):
-    """
-    An [`~transformers.HfArgumentParser`] over `ModelArguments`, `DataArguments`, `NoiseArguments` and
-    `MLCTrainingArguments` whose `--help` shows the fields in groups, MLC's own (method, meta-learning settings)
-    first and the ~100 inherited `TrainingArguments` fields last. Parsing is the same as a plain `HfArgumentParser`.
-
-    Args:
-        with_methods (`bool`, *optional*, defaults to `False`): Also list `compare`'s `--methods` (first), for help.
-        **kwargs: What `argparse.ArgumentParser` takes (`prog`, `description`, ...).
-    """
-
-    def __init__(self, with_methods: bool = False, **kwargs):
-        super().__init__(None, **kwargs)
-        if with_methods:
-            self.add_argument_group("comparison").add_argument(
-                "--methods",
-                default=DEFAULT_METHODS,
-                help="Comma-separated methods to run on the same split, e.g. finetune,clean_only,mlc,l2rw.",
-            )
-        self._groups = {name: self.add_argument_group(title) for name, title in GROUPS.items()}
-        self.dataclass_types = list(ARGUMENT_CLASSES)
-        for dtype in self.dataclass_types:
-            self._add_dataclass_arguments(dtype)
-
-    def _add_dataclass_arguments(self, dtype) -> None:
-        # HfArgumentParser puts every field of a dataclass in one place; this puts each in its group.
-        type_hints = get_type_hints(dtype)
-        for field in dataclasses.fields(dtype):
-            if not field.init:
-                continue
-            field.type = type_hints[field.name]
-            self._parse_dataclass_field(self._groups[self._group_of(dtype, field.name)], field)
-
-    @staticmethod
-    def _group_of(dtype, name: str) -> str:
-        if dtype in _GROUP_OF_CLASS:
-            return _GROUP_OF_CLASS[dtype]
-        return "training" if name in _TRAINER_FIELDS else "mlc"
-
-
-def build_parser(prog: str | None = None, with_methods: bool = False) -> MLCArgumentParser:
-    """The parser of the recipes and of `mlc-text train` / `compare` (see [`MLCArgumentParser`])."""
-    methods = " --methods a,b,..." if with_methods else ""
-    return MLCArgumentParser(
-        with_methods=with_methods,
-        prog=prog,
-        usage=f"%(prog)s{methods} [--argument value ...]\n       %(prog)s{methods} args.json (or args.yaml)",
-        description="Every argument below, on the command line or from one .json / .yaml file.",
-    )
 
 
 def split_methods(argv: Sequence[str], default: str = DEFAULT_METHODS) -> tuple[list[str], list[str]]:
@@ -123,7 +64,7 @@ def run_command(command: str, argv: Sequence[str], defaults: dict[str, Any] | No
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
-    from .pipeline import EVALUATION_DEFAULTS, RECIPE_DEFAULTS, compare, parse_args
+    from .pipeline import compare
     from .pipeline import main as train
 
     argv, defaults = list(argv), {**EVALUATION_DEFAULTS, **(defaults or {})}

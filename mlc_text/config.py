@@ -9,7 +9,9 @@ import numpy as np
 from transformers import TrainingArguments
 
 from .corpora import CORPORA, _check_file, get_corpus_info
+from .meta_grad import META_GRADIENTS
 from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
+from .methods import METHODS, get_method
 from .noise import NOISE_TYPES, build_transition_matrix, load_matrix
 
 __all__ = [
@@ -22,8 +24,6 @@ __all__ = [
     "META_SPLITS",
 ]
 
-METHODS = ("mlc", "finetune", "clean_only", "finetune_then_clean", "glc", "l2rw", "finetune_clean_batch", "oracle")
-META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
 META_SPLITS = ("none", "batch", "rows")
 VALIDATION_SOURCES = ("heldout", "clean", "none")
 MIN_MAX_LENGTH = 8
@@ -37,8 +37,8 @@ class MLCTrainingArguments(TrainingArguments):
 
     Parameters:
         method (`str`, *optional*, defaults to `"mlc"`):
-            Which method the recipes run: one of `mlc`, `finetune`, `clean_only`, `finetune_then_clean`, `glc`,
-            `l2rw`, `finetune_clean_batch`, `oracle`.
+            Which method the recipes run: a name of the registry of [`~mlc_text.methods`] (`METHODS`: `mlc` and the
+            baselines of baselines.py).
         clean_stage_epochs (`float`, *optional*, defaults to `10.0`):
             With `finetune_then_clean`: epochs over the clean rows in its second stage (a fresh optimizer and
             schedule at `learning_rate`), after the first stage's budget on the noisy and clean rows.
@@ -176,8 +176,7 @@ class MLCTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        get_method(self.method)  # an unknown name is refused with the registry's names
         if self.meta_gradient not in META_GRADIENTS:
             raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {self.meta_gradient!r}")
         if not self.clean_stage_epochs > 0:

@@ -21,32 +21,60 @@ Two ways to compute it, selected by `meta_gradient`:
   ([`logits_finite_difference`]). Not exact: its error is tested against `"jvp"`.
 
 `"jvp"` and `"reference"` are exact; they differ only in cost. The k-step look-ahead of the paper adds a discounted
-earlier meta-gradient (identity-Hessian approximation), see [`discount_factor`] and [`LookaheadBuffer`]. The optimizer
-mirror of the virtual step lives in virtual_step.py (its names are importable from here too). Under fp16 every
-backward here runs on a loss-scaled loss ([`LossScale`]).
+earlier meta-gradient (identity-Hessian approximation), see lookahead.py. Under fp16 every backward here runs on a
+loss-scaled loss ([`LossScale`]).
+
+This file holds MLC's step: its main loss, [`meta_step`] and [`corrected_label_step`]. What they are built from lives
+in files of its own, and every name stays importable from here: the optimizer mirror of the virtual step
+(virtual_step.py), the autodiff helpers (autodiff.py), the look-ahead (lookahead.py), the step's batches
+(clean_batches.py) and the main loss's weights (main_loss.py); L2RW's weights, computed with the same virtual step,
+are in l2rw.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# Each concept the meta step is built from lives in its own file; every name stays importable from here.
+from .autodiff import (  # noqa: F401
+    LossScale,
+    Reduce,
+    _found_inf,
+    _named,
+    _reduce_dict,
+    _replay_rng,
+    _rng_state,
+    _scaled,
+    _total_norm,
+    _unscale_,
+    _upcast,
+    finite_difference_step,
+    logits_finite_difference,
+    logits_jvp,
+    loss_and_grads,
+    soft_cross_entropy,
+    trainable_parameters,
+)
+from .clean_batches import MetaBatch
+from .l2rw import l2rw_weights
+from .lookahead import LookaheadBuffer, _discount, _discount_terms, discount_factor  # noqa: F401
+from .main_loss import MainLossWeights
 from .meta_net import capture_head_features
-from .virtual_step import (  # the optimizer mirror lives in virtual_step.py; its names stay importable from here
+from .virtual_step import (  # noqa: F401
     SUPPORTED_OPTIMIZERS,
     ParamDict,
     VirtualRates,
-    _adam_moments,  # noqa: F401
-    _adam_step,  # noqa: F401
-    _param_groups,  # noqa: F401
-    _sgd_rate,  # noqa: F401
-    _sgd_step,  # noqa: F401
+    _adam_moments,
+    _adam_step,
+    _param_groups,
+    _sgd_rate,
+    _sgd_step,
     check_optimizer,
     clip_coefficient,
     scaled_direction,
@@ -80,312 +108,7 @@ __all__ = [
     "l2rw_weights",
 ]
 
-Reduce = Callable[[list[torch.Tensor]], None]
 META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters the main optimizer updates, by name."""
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
-
-
-def _upcast(tensor: torch.Tensor) -> torch.Tensor:
-    """To float32 at least (losses under bf16 / fp16 autocast), keeping float64."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of -sum_k targets_k * log softmax(logits)_k, computed in float32 or wider."""
-    logits = _upcast(logits)
-    return -(targets.to(logits.dtype) * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-
-
-class LossScale:
-    """
-    fp16 loss scaling of hand-computed gradients, as `torch.amp.GradScaler` does it for `.backward()`: each loss is
-    multiplied by `scale` before its backward, each gradient divided by it after, and every inf or NaN met while
-    dividing is recorded, so that the step can be skipped ([`LossScale.found_inf`]).
-
-    Args:
-        scale: the current scale, a float or a one-element tensor (`GradScaler.scale(torch.ones(()))` gives it
-            without a host sync).
-        device: where the gradients live.
-    """
-
-    def __init__(self, scale: float | torch.Tensor, device: torch.device | str = "cpu"):
-        self.scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(())
-        self._inverse = self.scale.double().reciprocal().float()  # as GradScaler computes it
-        self._found_inf = torch.zeros(1, device=device)
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale.to(loss.dtype)
-
-    def unscale_(self, tensors: list[torch.Tensor]) -> None:
-        """Divides `tensors` by the scale in place, recording whether any value is inf or NaN."""
-        if tensors:
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, self._found_inf, self._inverse)
-
-    def found_inf(self, reduce: Reduce | None = None) -> bool:
-        """Whether any unscaled value was inf or NaN, on any process (`reduce` averages the flag across them)."""
-        flag = self._found_inf.clone()
-        if reduce is not None:
-            reduce([flag])
-        return bool(flag.item() > 0)
-
-
-def _scaled(loss: torch.Tensor, loss_scale: LossScale | None) -> torch.Tensor:
-    return loss if loss_scale is None else loss_scale.scale_loss(loss)
-
-
-def _unscale_(grads: ParamDict | list[torch.Tensor], loss_scale: LossScale | None) -> None:
-    if loss_scale is not None:
-        loss_scale.unscale_(list(grads.values()) if isinstance(grads, dict) else grads)
-
-
-def loss_and_grads(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    params: dict[str, torch.Tensor] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    weights: torch.Tensor | None = None,
-    loss_scale: LossScale | None = None,
-) -> tuple[torch.Tensor, ParamDict]:
-    """
-    Cross-entropy of `model` on a labelled batch and its gradient, at the model's own weights or at `params`: the
-    mean over rows, or `sum_i weights_i * loss_i` when per-row `weights` are given. With `loss_scale` (fp16), the
-    backward runs on the scaled loss and the gradient is unscaled (inf / NaN recorded in `loss_scale`).
-
-    Returns:
-        `(loss, grads)`: the detached (unscaled) loss and the detached gradient by parameter name.
-    """
-    if params is None:
-        leaves = trainable_parameters(model)
-        with autocast():
-            logits = model(**inputs).logits
-    else:
-        leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
-        with autocast():
-            logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
-    if weights is None:
-        loss = nn.functional.cross_entropy(_upcast(logits), labels)
-    else:
-        losses = nn.functional.cross_entropy(_upcast(logits), labels, reduction="none")
-        loss = (weights.to(losses.dtype) * losses).sum()
-    grads = _named(leaves, torch.autograd.grad(_scaled(loss, loss_scale), list(leaves.values()), allow_unused=True))
-    _unscale_(grads, loss_scale)
-    return loss.detach(), grads
-
-
-def _named(leaves: dict[str, torch.Tensor], grads) -> ParamDict:
-    return {
-        name: torch.zeros_like(leaf) if grad is None else grad for (name, leaf), grad in zip(leaves.items(), grads)
-    }
-
-
-@contextlib.contextmanager
-def _replay_rng(state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Runs the block with the RNG state saved in `state`, then restores the current one (same dropout masks)."""
-    devices = [torch.cuda.current_device()] if "cuda" in state else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"])
-        yield
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def logits_jvp(
-    model: nn.Module,
-    params: dict[str, torch.Tensor],
-    inputs: dict[str, torch.Tensor],
-    tangents: ParamDict,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    return_logits: bool = False,
-    overwrite_tangents: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """
-    Directional derivative of the batch's logits along `tangents`: (dz/dw) v, by one forward-mode pass. With
-    `return_logits`, also the logits z themselves (the same pass computes them): `(logits, directional)`. With
-    `overwrite_tangents`, the tangents are rescaled in place (no copy of v; the caller must not read them after).
-
-    Attention runs on SDPA's math backend here: the fused CPU kernels have no forward-mode derivative.
-    """
-    names = list(params)
-    primals = tuple(params[name].detach() for name in names)
-    # The product is linear in the tangent: run it at unit norm, so that tiny steps (learning rate x gradient)
-    # neither underflow in half precision nor lose bits, and scale back afterwards.
-    norm = _total_norm([tangents[name] for name in names])
-    if norm == 0:
-        norm = torch.ones_like(norm)  # zero tangent: the product is zero either way
-
-    def logits_at(*values):
-        return functional_call(model, dict(zip(names, values)), args=(), kwargs=inputs).logits
-
-    scaled = [tangents[name] for name in names]
-    if overwrite_tangents:
-        torch._foreach_div_(scaled, norm.to(scaled[0].dtype))
-    else:
-        scaled = torch._foreach_div(scaled, norm.to(scaled[0].dtype))
-    unit = tuple(tangent.to(value.dtype) for tangent, value in zip(scaled, primals))
-    del scaled
-    with sdpa_kernel([SDPBackend.MATH]), autocast():
-        logits, tangent_out = torch.func.jvp(logits_at, primals, unit)
-    del unit
-    return (logits, tangent_out * norm) if return_logits else tangent_out * norm
-
-
-def finite_difference_step(params: dict[str, torch.Tensor], dtype: torch.dtype, central: bool = False) -> float:
-    """
-    The length h of the finite-difference step along the unit direction: `eps ** (1/2)` (forward) or `eps ** (1/3)`
-    (central) of the logits' dtype, times `1 + rms(w)`, the root mean square of the weights: the textbook balance of
-    rounding (which grows as h shrinks) against curvature (which grows with h) for weights of that size.
-    """
-    eps = torch.finfo(dtype).eps
-    count = sum(param.numel() for param in params.values())
-    rms = (_total_norm([param.detach() for param in params.values()]) / max(count, 1) ** 0.5).item()
-    return eps ** (1 / 3 if central else 1 / 2) * (1.0 + rms)
-
-
-def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of the concatenation of `tensors`, in float32 at least, by multi-tensor ops."""
-    norms = torch._foreach_norm(tensors, dtype=torch.promote_types(tensors[0].dtype, torch.float32))
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def logits_finite_difference(
-    model: nn.Module,
-    params: dict[str, torch.Tensor],
-    inputs: dict[str, torch.Tensor],
-    tangents: ParamDict,
-    logits: torch.Tensor | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    central: bool = False,
-    rng_state: dict[str, torch.Tensor] | None = None,
-    overwrite_tangents: bool = False,
-) -> torch.Tensor:
-    """
-    Directional derivative of the batch's logits along `tangents`, (dz/dw) v, by a finite difference: forward
-    `(z(w + h u) - z(w)) / h * |v|` with `logits` = z(w) already computed, or central `(z(w + h u) - z(w - h u)) / 2h
-    * |v|`, u = v / |v| and h from [`finite_difference_step`]. Each forward runs without a graph, with the RNG state
-    `rng_state` (the one the logits at w were computed with, so that dropout draws the same masks), and writes no
-    parameter: the shifted weights are a copy, read through `functional_call`. With `overwrite_tangents` (forward
-    difference only), the shifted weights are formed in the tangents' place instead (no copy; the caller must not
-    read them after).
-    """
-    if logits is None and not central:
-        raise ValueError("the forward difference needs the logits at w (pass logits, or central=True)")
-    names = list(params)
-    weights = [params[name].detach() for name in names]
-    directions = [tangents[name].to(weight.dtype) for name, weight in zip(names, weights)]
-    norm = _total_norm(directions)
-    logits_dtype = logits.dtype if logits is not None else weights[0].dtype
-    step = finite_difference_step(params, logits_dtype, central)
-    scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # a zero tangent gives a zero product
-
-    in_place = overwrite_tangents and not central and all(d is tangents[n] for d, n in zip(directions, names))
-
-    def logits_at(sign: float) -> torch.Tensor:
-        factor = (sign * scale).to(weights[0].dtype)
-        shifted = directions if in_place else torch._foreach_mul(directions, factor)
-        if in_place:
-            torch._foreach_mul_(shifted, factor)
-        torch._foreach_add_(shifted, weights)
-        rng = _replay_rng(rng_state) if rng_state is not None else contextlib.nullcontext()
-        with torch.no_grad(), rng, autocast():
-            return _upcast(functional_call(model, dict(zip(names, shifted)), args=(), kwargs=inputs).logits)
-
-    if central:
-        return (logits_at(1.0) - logits_at(-1.0)) * (norm / (2 * step))
-    return (logits_at(1.0) - _upcast(logits.detach())) * (norm / step)
-
-
-def discount_factor(clean_grads: ParamDict, clean_grads_virtual: ParamDict, virtual_lr: dict) -> torch.Tensor:
-    """
-    The k-step look-ahead discount gamma = <(I - L H) g', g> / |g|^2 with the Hessian H taken as the identity,
-    g the clean gradient at w and g' the clean gradient at w'.
-    """
-    numerator, norm_sq = 0.0, 0.0
-    for name, grad in clean_grads.items():
-        term, square = _discount_terms(grad, clean_grads_virtual[name], virtual_lr[name])
-        numerator, norm_sq = numerator + term, norm_sq + square
-    return _discount(numerator, norm_sq)
-
-
-def _discount_terms(grad: torch.Tensor, grad_virtual: torch.Tensor, rate) -> tuple[torch.Tensor, torch.Tensor]:
-    # One parameter's share of gamma's numerator <(1 - L) g', g> and denominator |g|^2.
-    return ((1 - rate) * grad_virtual * grad).sum(), grad.square().sum()
-
-
-def _discount(numerator: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
-    return numerator / norm_sq.clamp_min(torch.finfo(norm_sq.dtype).tiny)
-
-
-class LookaheadBuffer:
-    """
-    The paper's k-step look-ahead: meta-gradients are accumulated as `total = current + gamma * previous_total` and
-    the corrector's optimizer steps every `gradient_steps` meta steps, after which the buffer is reset.
-    """
-
-    def __init__(self, gradient_steps: int = 1):
-        if gradient_steps < 1:
-            raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
-        self.gradient_steps = gradient_steps
-        self.previous: list[torch.Tensor] | None = None
-        self.count = 0
-
-    @property
-    def needs_discount(self) -> bool:
-        """Whether the next accumulation uses gamma (never with `gradient_steps == 1`: the buffer is always empty)."""
-        return self.previous is not None
-
-    def accumulate(self, meta_grads: list[torch.Tensor], gamma: torch.Tensor | float | None) -> list[torch.Tensor]:
-        """Adds the discounted previous total to `meta_grads`; returns the new total and counts one meta step."""
-        if self.previous is not None:
-            meta_grads = [grad + gamma * prev for grad, prev in zip(meta_grads, self.previous)]
-        self.count += 1
-        self.previous = None if self.should_step else [grad.detach().clone() for grad in meta_grads]
-        return meta_grads
-
-    @property
-    def should_step(self) -> bool:
-        """True right after the k-th accumulation of a window: the corrector's optimizer should step now."""
-        return self.count % self.gradient_steps == 0
-
-    def state_dict(self) -> dict:
-        return {"gradient_steps": self.gradient_steps, "count": self.count, "previous": self.previous}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gradient_steps, self.count, self.previous = state["gradient_steps"], state["count"], state["previous"]
-
-
-@dataclass
-class MetaBatch:
-    """
-    A noisy batch (model inputs and given labels) and a clean batch (inputs and true labels). The meta objective is
-    the clean batch's loss at w' unless a separate meta batch (`meta_inputs`, `meta_labels`: trusted rows kept out of
-    the main loss) is given.
-    """
-
-    noisy_inputs: dict[str, torch.Tensor]
-    noisy_labels: torch.Tensor
-    clean_inputs: dict[str, torch.Tensor]
-    clean_labels: torch.Tensor
-    meta_inputs: dict[str, torch.Tensor] | None = None
-    meta_labels: torch.Tensor | None = None
-
-    @property
-    def objective(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The rows of the meta objective: `(inputs, true labels)`."""
-        if self.meta_inputs is None:
-            return self.clean_inputs, self.clean_labels
-        return self.meta_inputs, self.meta_labels
 
 
 @dataclass
@@ -430,15 +153,6 @@ class MetaStepOutput:
     overflow: bool = False
 
 
-def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
-    if reduce is not None and grads is not None:
-        reduce(list(grads.values()))
-
-
-def _found_inf(loss_scale: LossScale | None, reduce: Reduce | None) -> bool:
-    return loss_scale is not None and loss_scale.found_inf(reduce)
-
-
 @dataclass
 class _MainPass:
     params: dict[str, nn.Parameter]
@@ -452,21 +166,24 @@ class _MainPass:
 
 
 def _main_loss_and_grads(
-    model,
-    corrector,
-    head,
+    model: nn.Module,
+    corrector: nn.Module,
+    head: nn.Module,
     batch: MetaBatch,
-    clean_in_main_loss,
-    need_clean_grads,
-    create_graph,
-    autocast,
-    carried,
+    *,
+    clean_in_main_loss: bool = True,
+    need_clean_grads: bool = False,
+    create_graph: bool = False,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    carried: CleanPass | None = None,
     loss_scale: LossScale | None = None,
 ) -> _MainPass:
     """
-    Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels), and grads.
-    With a `carried` clean pass at w (and no need of this clean batch's own gradient at w), the clean term is taken
-    from it instead of a forward/backward of `batch`'s clean rows.
+    Main loss at w: the noisy batch against corrected labels (+ the clean batch with its true labels, weighted by
+    [`MainLossWeights`]), and its gradient. `need_clean_grads`: also return the clean batch's own gradient at w (the
+    look-ahead discount reads it). `create_graph`: keep the graph of the noisy part's gradient (the reference
+    meta-gradient differentiates it again). With a `carried` clean pass at w (and no need of this clean batch's own
+    gradient at w), the clean term is taken from it instead of a forward/backward of `batch`'s clean rows.
     """
     use_carried = carried is not None and clean_in_main_loss and not need_clean_grads
     params = trainable_parameters(model)
@@ -477,11 +194,11 @@ def _main_loss_and_grads(
     corrected = corrector(store["features"], batch.noisy_labels)
     noisy_loss = soft_cross_entropy(noisy_logits, corrected if create_graph else corrected.detach())
 
-    num_noisy = len(batch.noisy_labels)
     num_clean = carried.num_rows if use_carried else len(batch.clean_labels)
-    noisy_weight = num_noisy / (num_noisy + num_clean) if clean_in_main_loss else 1.0
+    weights = MainLossWeights.for_rows(len(batch.noisy_labels), num_clean, clean_in_main_loss)
+    # The noisy term is weighted before its backward: the reference meta-gradient differentiates this gradient.
     grads = torch.autograd.grad(
-        _scaled(noisy_weight * noisy_loss, loss_scale),
+        _scaled(weights.noisy * noisy_loss, loss_scale),
         list(params.values()),
         create_graph=create_graph,
         allow_unused=True,
@@ -491,7 +208,7 @@ def _main_loss_and_grads(
     if loss_scale is not None and create_graph:  # `noisy_grads` stay scaled: the proxy's backward unscales
         main_grads = {name: grad.clone() for name, grad in main_grads.items()}
     _unscale_(main_grads, loss_scale)
-    main_loss = noisy_weight * noisy_loss.detach()
+    main_loss = weights.noisy * noisy_loss.detach()
     clean_grads = None
     if clean_in_main_loss or need_clean_grads:
         if use_carried:
@@ -501,12 +218,11 @@ def _main_loss_and_grads(
                 model, batch.clean_inputs, batch.clean_labels, autocast=autocast, loss_scale=loss_scale
             )
         if clean_in_main_loss:
-            main_loss = main_loss + (1 - noisy_weight) * clean_loss_at_w
-            if create_graph:  # `noisy_grads` must stay as they are (they carry the graph the meta-gradient needs)
-                main_grads = {name: g + (1 - noisy_weight) * clean_grads[name] for name, g in main_grads.items()}
-            else:  # fresh tensors of autograd.grad, read nowhere else: add in place, no second copy of the gradient
-                grads = list(main_grads.values())
-                torch._foreach_add_(grads, [clean_grads[name] for name in main_grads], alpha=1 - noisy_weight)
+            # With a graph, `noisy_grads` must stay as they are (they carry what the meta-gradient needs); else the
+            # fresh tensors of autograd.grad, read nowhere else, take the clean term in place.
+            main_loss, main_grads = weights.add_clean(
+                main_loss, main_grads, clean_loss_at_w, clean_grads, in_place=not create_graph
+            )
         if not need_clean_grads:
             clean_grads = None  # only the look-ahead discount reads them: free them now
     if use_carried:
@@ -514,7 +230,7 @@ def _main_loss_and_grads(
         # by whoever still refers to the CleanPass (the trainer's call): one parameter-sized copy less at the peak.
         carried.grads = {}
     return _MainPass(
-        params, noisy_grads, main_grads, main_loss, clean_grads, corrected, noisy_weight, noisy_logits.detach()
+        params, noisy_grads, main_grads, main_loss, clean_grads, corrected, weights.noisy, noisy_logits.detach()
     )
 
 
@@ -536,7 +252,14 @@ def corrected_label_step(
     `carried_clean_pass`, `loss_scale`: as in [`meta_step`].
     """
     main = _main_loss_and_grads(
-        model, corrector, head, batch, clean_in_main_loss, False, False, autocast, carried_clean_pass, loss_scale
+        model,
+        corrector,
+        head,
+        batch,
+        clean_in_main_loss=clean_in_main_loss,
+        autocast=autocast,
+        carried=carried_clean_pass,
+        loss_scale=loss_scale,
     )
     _reduce_dict(reduce, main.main_grads)
     nan = torch.tensor(float("nan"))
@@ -600,12 +323,12 @@ def meta_step(
         corrector,
         head,
         batch,
-        clean_in_main_loss,
-        need_discount,
-        reference,
-        autocast,
-        carried_clean_pass,
-        loss_scale,
+        clean_in_main_loss=clean_in_main_loss,
+        need_clean_grads=need_discount,
+        create_graph=reference,
+        autocast=autocast,
+        carried=carried_clean_pass,
+        loss_scale=loss_scale,
     )
     carried_clean_pass = None  # its gradient is in main_grads now; do not hold it longer
     params, main_grads, corrected = main.params, main.main_grads, main.corrected
@@ -667,47 +390,3 @@ def _directional_derivative(model, params, batch, direction, noisy_logits, meta_
         rng_state=rng_state,
         overwrite_tangents=True,
     )
-
-
-def l2rw_weights(
-    model: nn.Module,
-    batch: MetaBatch,
-    optimizer: torch.optim.Optimizer,
-    *,
-    reduce: Reduce | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    loss_scale: LossScale | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Learning to Reweight (Ren et al., 2018) with the same virtual-step machinery: per-example weights of the noisy
-    batch from the gradient of the clean loss after a virtual step on the weighted noisy loss, at weights eps = 0.
-
-    With eps = 0 the virtual step sees a zero gradient, so w' = virtual_step(w, 0) and
-    -dL_clean(w')/deps_i = <dl_i/dw, L g'> = (softmax(z_i) - onehot(y_i)) . (J_i v), v = L g': one forward-mode pass.
-    Weights are the positive part, normalised to sum to 1 over the global batch (all processes). With `loss_scale`
-    (fp16), the clean gradient at w' comes from a scaled loss and is unscaled (inf / NaN recorded there).
-
-    Returns:
-        `(weights, clean_loss)`: detached weights of shape `(batch,)` and the clean loss at w'.
-    """
-    params = trainable_parameters(model)
-    zeros = {name: torch.zeros_like(param) for name, param in params.items()}
-    virtual_params, virtual_lr = virtual_step(params, zeros, optimizer)
-    clean_loss, clean_grads_virtual = loss_and_grads(
-        model, batch.clean_inputs, batch.clean_labels, params=virtual_params, autocast=autocast, loss_scale=loss_scale
-    )
-    del virtual_params
-    _reduce_dict(reduce, clean_grads_virtual)
-    direction, _, _ = scaled_direction(clean_grads_virtual, virtual_lr)
-    del clean_grads_virtual, virtual_lr, zeros
-    logits, directional = logits_jvp(model, params, batch.noisy_inputs, direction, autocast, return_logits=True)
-    logits = _upcast(logits.detach())
-    residual = torch.softmax(logits, dim=-1) - nn.functional.one_hot(batch.noisy_labels, logits.shape[-1])
-    raw = (residual * directional.to(logits.dtype)).sum(-1).clamp_min(0)
-    # Normalise by the mean over processes of the local sums: averaging the processes' gradients then gives
-    # sum_i w_i dl_i/dw over the global batch with sum_i w_i = 1, as on one process.
-    total = raw.sum().reshape(1)
-    if reduce is not None:
-        reduce([total])
-    weights = raw / total if total.item() > 0 else torch.zeros_like(raw)
-    return weights.detach(), clean_loss

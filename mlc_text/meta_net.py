@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ __all__ = [
     "find_head_module",
     "feature_size_of",
     "capture_head_features",
+    "corrector_param_groups",
+    "head_features",
     "CORRECTOR_WEIGHTS_NAME",
     "SKIP_CONNECTIONS",
     "normalise_skip_connection",
@@ -233,6 +235,57 @@ def capture_head_features(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+def corrector_param_groups(
+    corrector: nn.Module, learning_rate: float, skip_learning_rate: float | None = None
+) -> list[dict]:
+    """
+    The corrector's parameters for its optimizer: one group, or two with `skip_learning_rate` (a global skip weight
+    alone in the second). `base_lr` is the learning rate that `meta_lr_follows_schedule` scales.
+    """
+    skip_logit = getattr(corrector, "skip_logit", None)
+    if skip_logit is None or skip_learning_rate is None:
+        return [{"params": list(corrector.parameters()), "base_lr": learning_rate}]
+    others = [param for param in corrector.parameters() if param is not skip_logit]
+    return [
+        {"params": others, "base_lr": learning_rate},
+        {"params": [skip_logit], "lr": skip_learning_rate, "base_lr": skip_learning_rate},
+    ]
+
+
+@torch.no_grad()
+def head_features(
+    model: nn.Module,
+    head: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The features the corrector reads (the input of `head`, as float32) and the labels of labelled batches, from
+    forward passes of `model` in eval mode (no dropout); the model's mode is restored after.
+
+    Args:
+        model: the main net.
+        head: its head module ([`find_head_module`]).
+        batches: model inputs with their `labels` (a `true_label` column is dropped), on the model's device.
+        autocast: a context manager factory for mixed precision.
+
+    Returns:
+        `(features, labels)`, the batches' rows concatenated.
+    """
+    training = model.training
+    model.eval()
+    features, labels = [], []
+    with capture_head_features(head) as store:
+        for inputs in batches:
+            inputs.pop("true_label", None)
+            labels.append(inputs.pop("labels"))
+            with autocast():
+                model(**inputs)
+            features.append(store["features"].float())
+    model.train(training)
+    return torch.cat(features), torch.cat(labels)
 
 
 def warm_start_corrector(

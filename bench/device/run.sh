@@ -33,7 +33,7 @@ if [ -z "$SMOKE" ]; then
   timeout 120 $PY bench/step_cost.py --device cuda --model minilm --model bert-base-random \
     --output "$OUT/step_cost-cuda.json" >"$OUT/step_cost.log" 2>&1
   echo "step_cost rc $? at $(( $(date +%s) - T0 )) s"; tail -25 "$OUT/step_cost.log"
-  cp bench/results/meta_update_interval-cuda.json "$OUT/" 2>/dev/null
+  cp bench/results/epoch_cost-cuda.json "$OUT/" 2>/dev/null
 fi
 
 COMMON="--corpora ag_news --max_train_samples 4000 --runs_dir /tmp/runs --output $OUT/accuracy-gpu.jsonl"
