@@ -16,6 +16,7 @@ is tuned on the test split. With `--select_on_trusted K`, K trusted rows per cla
     python bench/accuracy.py                       # the default grid (see --help), resumable
     python bench/accuracy.py --dry_run             # list the runs and which are done
     python bench/accuracy.py --noise_rates 0.2 0.4 0.6 --seeds 0 1 2 --methods mlc finetune
+    python bench/accuracy.py --precision bf16      # bf16 autocast: rows of their own, never mixed with fp32 rows
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.methods import METHODS  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
 
+PRECISIONS = ("fp32", "bf16")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Trusted rows per class held out of training to pick the best of five checkpoints (0: the final one).",
     )
     parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or bf16 autocast (the recipe's --bf16; on CPU only worth it with AVX512-BF16 or AMX).",
+    )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument(
@@ -180,6 +189,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 "validation_size": args.validation_size,
                 "select_on_trusted": args.select_on_trusted,
                 "max_length": args.max_length,
+                "precision": args.precision,
             }
             if meta_lr is not None:
                 run["meta_learning_rate"] = meta_lr
@@ -239,6 +249,7 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "logging_steps": 10,
         "disable_tqdm": True,
         "log_level": "warning",
+        **({"bf16": True} if row_value(run, "precision") == "bf16" else {}),
         **selection_arguments(row_value(run, "select_on_trusted"), len(CORPORA[run["corpus"]].label_names)),
     }
 

@@ -27,7 +27,7 @@ import math
 import os
 import statistics
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,16 +82,19 @@ def fmt(mean: float, std: float | None, scale: float = 100.0) -> str:
 def method_label(row: dict) -> str:
     """
     `mlc` for the runs with the package's defaults (the row's `mlc_defaults`); every other MLC run is named by its meta
-    learning rate and `--mlc_settings`, e.g. `mlc@0.001` or `mlc@0.0003[skip_connection="per_example"]`.
+    learning rate and `--mlc_settings`, e.g. `mlc@0.001` or `mlc@0.0003[skip_connection="per_example"]`. A run in
+    another precision than fp32 carries it: `clean_only (bf16)`.
     """
+    precision = row_value(row, "precision")
+    suffix = "" if precision == LEGACY_DEFAULTS["precision"] else f" ({precision})"
     if row["method"] != "mlc" or row.get("mlc_defaults"):
-        return row["method"]
+        return row["method"] + suffix
     label = "mlc"
     if row.get("meta_learning_rate") is not None:
         label += f"@{row['meta_learning_rate']:g}"
     if row.get("mlc_settings"):
         label += f"[{row['mlc_settings']}]"
-    return label
+    return label + suffix
 
 
 def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
@@ -104,6 +107,7 @@ def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 def method_rank(name: str) -> int:
     """Where a method's row goes in a table: the order of METHOD_ORDER, MLC variants beside `mlc`."""
+    name = name.split(" (")[0]  # "clean_only (bf16)" ranks as clean_only
     return METHOD_ORDER.index(name) if name in METHOD_ORDER else METHOD_ORDER.index("mlc")
 
 
@@ -177,8 +181,11 @@ def has_headroom(methods: dict[str, dict]) -> bool:
     return (gap(methods) or 0.0) >= HEADROOM
 
 
-def cell_commands(cell: tuple, methods: dict[str, dict]) -> list[str]:
-    """The `bench/accuracy.py` invocations that reproduce a cell's rows (one for the baselines, one per MLC run type)."""
+def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) -> list[str]:
+    """
+    The `bench/accuracy.py` invocations that reproduce a cell's rows: one for the baselines, one per MLC run type (with
+    `variants=False`, only the one of MLC at the package defaults, or of the first variant where there is none).
+    """
     corpus, model, kind, rate, clean, epochs, rows, validation, selection = cell
     seeds = sorted({seed for stats in methods.values() for seed in stats["seeds"]})
     base = (
@@ -188,7 +195,8 @@ def cell_commands(cell: tuple, methods: dict[str, dict]) -> list[str]:
     )
     baselines = [name for name in sorted(methods, key=method_rank) if not name.startswith("mlc")]
     commands = [f"{base} --methods {' '.join(baselines)}"] if baselines else []
-    for name in sorted(name for name in methods if name.startswith("mlc")):
+    names = sorted(name for name in methods if name.startswith("mlc"))
+    for name in names if variants else names[:1]:
         run = methods[name]["example"]
         command = f"{base} --methods mlc"
         if not run.get("mlc_defaults") and run.get("meta_learning_rate") is not None:
@@ -555,12 +563,9 @@ def render(
         "clean_only) / (oracle − clean_only). `mlc` is MLC at the package defaults; `mlc@rate[settings]` are its "
         "ablation runs.",
         "",
-        "Code version (commit) of the runs: "
-        + ", ".join(
-            f"{version}: {count}"
-            for version, count in sorted(Counter(row.get("code_version") or "not recorded" for row in rows).items())
-        )
-        + ".",
+        f"The runs come from {len({row['code_version'] for row in rows if row.get('code_version')})} "
+        "commits (each row's `code_version`). A row `mlc@R[S]` is reproduced by the cell's `--methods mlc` command "
+        "with `--meta_learning_rates R --mlc_settings S` (the settings as `KEY=VALUE` words).",
         "",
         "### Targets",
         "",
@@ -575,7 +580,7 @@ def render(
         parts += [table(cell, methods), ""]
         line = verdict(cell, methods)
         parts += [line, ""] if line else []
-        parts += ["```bash", *cell_commands(cell, methods), "```", ""]
+        parts += ["```bash", *cell_commands(cell, methods, variants=False), "```", ""]
     parts += [
         "### The MLC run a user would pick without test labels",
         "",

@@ -12,7 +12,7 @@ import os
 import re
 
 # Fields that rows written before they were recorded lack, with the one value those rows used.
-LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0, "mlc_defaults": False}
+LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0, "mlc_defaults": False, "precision": "fp32"}
 
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
@@ -38,6 +38,8 @@ KEY_FIELDS = (
     # a row of today's defaults and an older row at the same meta learning rate (from before the defaults changed)
     # would share a key. Rows written before the field existed read as False.
     "mlc_defaults",
+    # fp32, or bf16 (CPU or CUDA autocast, the recipe's --bf16); rows written before the field existed ran in fp32.
+    "precision",
 )
 
 

@@ -86,6 +86,30 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     assert accuracy.run_key(legacy) != accuracy.run_key(default)
 
 
+def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
+    accuracy, report = load("accuracy"), load("report")
+    argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "clean_only", "mlc"]
+    argv += ["--noise_types", "flip", "--noise_rates", "0.4", "--seeds", "0"]
+    fp32, bf16 = (
+        accuracy.grid(accuracy.parse_args(argv)),
+        accuracy.grid(accuracy.parse_args([*argv, "--precision", "bf16"])),
+    )
+    args = accuracy.parse_args([*argv, "--precision", "bf16"])
+    assert accuracy.recipe_arguments(bf16[0], args, str(tmp_path))["bf16"] is True
+    assert "bf16" not in accuracy.recipe_arguments(fp32[0], args, str(tmp_path))
+    # a bf16 run never stands in for the fp32 one, and a row written before the field existed is an fp32 row
+    assert {accuracy.run_key(run) for run in fp32}.isdisjoint(accuracy.run_key(run) for run in bf16)
+    legacy = {key: value for key, value in fp32[0].items() if key != "precision"}
+    assert accuracy.run_key(legacy) == accuracy.run_key(fp32[0])
+    assert accuracy.run_folder_name(fp32[0]) != accuracy.run_folder_name(bf16[0])
+    # the report names bf16 rows apart, ranked beside their method
+    assert report.method_label(bf16[0]) == "clean_only (bf16)" and report.method_label(fp32[0]) == "clean_only"
+    assert report.method_label(bf16[1]) == "mlc (bf16)"
+    assert report.method_rank("clean_only (bf16)") == report.method_rank("clean_only")
+    with pytest.raises(SystemExit):
+        accuracy.parse_args([*argv, "--precision", "fp16"])
+
+
 def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_dir, monkeypatch):
     accuracy = load("accuracy")
     argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "finetune"]
@@ -349,6 +373,10 @@ def test_cell_commands_reproduce_the_cell(data_dir):
     ((cell, methods),) = report.summarise(rows).items()
     commands = report.cell_commands(cell, methods)
     assert len(commands) == 3
+    # the results page shows the baselines' and the defaults' commands; a variant's is derived from the latter
+    assert report.cell_commands(cell, methods, variants=False) == [
+        command for command in commands if "--mlc_" not in command
+    ]
     keys = set()
     for command in commands:
         argv = command.split()[2:] + ["--data_dir", data_dir]
