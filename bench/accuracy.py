@@ -249,9 +249,16 @@ def recipe_arguments(run: dict, args: argparse.Namespace, output_dir: str) -> di
         "logging_steps": 10,
         "disable_tqdm": True,
         "log_level": "warning",
-        **({"bf16": True} if row_value(run, "precision") == "bf16" else {}),
+        **precision_arguments(row_value(run, "precision")),
         **selection_arguments(row_value(run, "select_on_trusted"), len(CORPORA[run["corpus"]].label_names)),
     }
+
+
+def precision_arguments(precision: str) -> dict:
+    """The recipe's arguments for `precision`: bf16 autocast, on the CPU (`use_cpu`) when there is no GPU."""
+    if precision == "fp32":
+        return {}
+    return {"bf16": True, **({} if torch.cuda.is_available() else {"use_cpu": True})}
 
 
 def selection_arguments(per_class: int, num_classes: int) -> dict:
