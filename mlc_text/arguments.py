@@ -101,7 +101,7 @@ def parse_args(
     """
     Parses the four argument dataclasses from the command line, or from one `.json` / `.yaml` file given as the only
     argument. `defaults` are the recipe's own defaults; the command line overrides them. `parser` defaults to
-    [`~mlc_text.cli.build_parser`]'s.
+    [`build_parser`]'s.
 
     A recipe's default `corpus` applies only when neither `corpus` nor `train_file` is given: `--train_file` alone
     runs on your files, whatever corpus the recipe names. `--corpus None` (or `none`, or an empty string) is no corpus.

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .autodiff import LossScale, trainable_parameters
+from .autodiff import LossScale, _found_inf, _reduce_dict, trainable_parameters
 from .clean_batches import CleanBatchIterator, MetaBatch
 from .config import MLCTrainingArguments
 from .virtual_step import ParamDict, check_optimizer
@@ -169,11 +169,11 @@ class CleanDataTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)  # differentiated by hand: DDP's hooks never run
         loss_scale = self.loss_scale()
         step = self.main_step(unwrapped, batch, loss_scale, true_labels)
-        if not step.reduced and self.reduce is not None:
-            self.reduce(list(step.grads.values()))
+        if not step.reduced:
+            _reduce_dict(self.reduce, step.grads)
         overflow = step.overflow
         if overflow is None:  # the scaler then skips the optimizer step
-            overflow = loss_scale is not None and loss_scale.found_inf(self.reduce)
+            overflow = _found_inf(loss_scale, self.reduce)
         self.accumulate_main_grads(unwrapped, step.grads, loss_scale, overflow=overflow)
         if not overflow and step.record is not None:
             for key, value in step.record().items():

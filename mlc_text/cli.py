@@ -7,7 +7,7 @@ The `mlc-text` command, in the style of `trl sft` and `accelerate launch`:
 
 Both commands take the recipes' arguments (the four dataclasses of `mlc_text/config.py`) on the command line or
 from one `.json` / `.yaml` file, and run [`~mlc_text.pipeline.main`] / [`~mlc_text.pipeline.compare`] with the
-recipes' defaults ([`~mlc_text.pipeline.RECIPE_DEFAULTS`] and [`~mlc_text.pipeline.EVALUATION_DEFAULTS`]).
+recipes' defaults ([`~mlc_text.arguments.RECIPE_DEFAULTS`] and [`~mlc_text.arguments.EVALUATION_DEFAULTS`]).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .arguments import (  # noqa: F401  (MLCArgumentParser, build_parser: importable from here)
+from .arguments import (  # noqa: F401  (MLCArgumentParser: importable from here)
     DEFAULT_METHODS,
     EVALUATION_DEFAULTS,
     RECIPE_DEFAULTS,

@@ -9,7 +9,7 @@ import numpy as np
 from transformers import TrainingArguments
 
 from .corpora import CORPORA, _check_file, get_corpus_info
-from .meta_grad import META_GRADIENTS
+from .meta_grad import META_GRADIENT_CHOICES
 from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
 from .methods import METHODS, get_method
 from .noise import NOISE_TYPES, build_transition_matrix, load_matrix
@@ -20,7 +20,7 @@ __all__ = [
     "DataArguments",
     "NoiseArguments",
     "METHODS",
-    "META_GRADIENTS",
+    "META_GRADIENT_CHOICES",
     "META_SPLITS",
 ]
 
@@ -171,14 +171,16 @@ class MLCTrainingArguments(TrainingArguments):
     )
     meta_gradient: str = field(
         default="jvp",
-        metadata={"help": f"Meta-gradient computation, one of {', '.join(META_GRADIENTS)}."},
+        metadata={"help": f"Meta-gradient computation, one of {', '.join(META_GRADIENT_CHOICES)}."},
     )
 
     def __post_init__(self):
         super().__post_init__()
         get_method(self.method)  # an unknown name is refused with the registry's names
-        if self.meta_gradient not in META_GRADIENTS:
-            raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENTS)}, got {self.meta_gradient!r}")
+        if self.meta_gradient not in META_GRADIENT_CHOICES:
+            raise ValueError(
+                f"meta_gradient must be one of {', '.join(META_GRADIENT_CHOICES)}, got {self.meta_gradient!r}"
+            )
         if not self.clean_stage_epochs > 0:
             raise ValueError(f"clean_stage_epochs must be > 0, got {self.clean_stage_epochs}")
         if not self.meta_learning_rate > 0:

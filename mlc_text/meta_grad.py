@@ -8,7 +8,7 @@ per tensor, for Adam the current preconditioner, held constant). The meta-gradie
 
     dL(w')/da = -(d/da) <dL'/dw (w, a), L * g'>,   g' = dL/dw at w' held constant.
 
-Two ways to compute it, selected by `meta_gradient`:
+Three ways to compute it, selected by `meta_gradient`:
 
 * `"reference"`: the paper's kernel, literally: the first backward keeps its graph (`create_graph=True`) and the
   proxy `-<dL'/dw, L g'>` is differentiated a second time. The oracle of the tests.
@@ -51,9 +51,7 @@ from .autodiff import (  # noqa: F401
     _replay_rng,
     _rng_state,
     _scaled,
-    _total_norm,
     _unscale_,
-    _upcast,
     finite_difference_step,
     logits_finite_difference,
     logits_jvp,
@@ -63,18 +61,13 @@ from .autodiff import (  # noqa: F401
 )
 from .clean_batches import MetaBatch
 from .l2rw import l2rw_weights
-from .lookahead import LookaheadBuffer, _discount, _discount_terms, discount_factor  # noqa: F401
+from .lookahead import LookaheadBuffer, _discount, discount_factor
 from .main_loss import MainLossWeights
 from .meta_net import capture_head_features
 from .virtual_step import (  # noqa: F401
     SUPPORTED_OPTIMIZERS,
     ParamDict,
     VirtualRates,
-    _adam_moments,
-    _adam_step,
-    _param_groups,
-    _sgd_rate,
-    _sgd_step,
     check_optimizer,
     clip_coefficient,
     scaled_direction,
@@ -106,9 +99,31 @@ __all__ = [
     "meta_step",
     "corrected_label_step",
     "l2rw_weights",
+    "META_GRADIENTS",
+    "META_GRADIENT_CHOICES",
+    "resolve_meta_gradient",
 ]
 
 META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
+# What `MLCTrainingArguments.meta_gradient` accepts: a path above, or "auto" (see `resolve_meta_gradient`).
+META_GRADIENT_CHOICES = ("auto", *META_GRADIENTS)
+
+
+def resolve_meta_gradient(meta_gradient: str, mixed_precision: str | None) -> str:
+    """
+    The path a run takes for `meta_gradient`: "auto" is `"fd"` in float32 (the cheapest: one plain forward; its
+    error in float32 is far below a stochastic meta-gradient's noise) and `"jvp"` under fp16 / bf16 autocast, where a
+    forward difference of half-precision logits loses too many digits. Any other accepted name is taken as it is.
+
+    Args:
+        meta_gradient (`str`): one of `META_GRADIENT_CHOICES`.
+        mixed_precision (`str` or `None`): the run's autocast, as accelerate names it (`"no"`, `"fp16"`, `"bf16"`).
+    """
+    if meta_gradient not in META_GRADIENT_CHOICES:
+        raise ValueError(f"meta_gradient must be one of {', '.join(META_GRADIENT_CHOICES)}, got {meta_gradient!r}")
+    if meta_gradient != "auto":
+        return meta_gradient
+    return "jvp" if mixed_precision in ("fp16", "bf16") else "fd"
 
 
 @dataclass

@@ -58,7 +58,7 @@ class Method:
         description (`str`): the model card's "Method" section.
         needs_clean_rows (`bool`, defaults to `True`): runs are refused without trusted rows.
         corrects_labels (`bool`, defaults to `False`): its trainer has `correct_labels` (a label corrector): the run
-            reports correction statistics, ranks label issues by the corrector and describes it in the model card.
+            reports correction statistics, shows its labels in label_issues.csv and describes it in the model card.
         tags (`tuple[str, ...]`): its trainer's `_tag_names`.
         stage_dir (`str`, *optional*): the folder under `output_dir` of a first training stage, kept out of a push.
         check (`Callable`, *optional*): refuses settings the method cannot use, before any work (`args -> None`).

@@ -21,7 +21,8 @@ from .results import _check_noise, _is_number, format_results_table, to_json_saf
 __all__ = ["MODEL_CARD_NAME", "METHOD_DESCRIPTIONS", "write_model_card"]
 
 MODEL_CARD_NAME = "README.md"
-CARD_TAGS = ["text-classification", "noisy-labels", "meta-label-correction"]
+# Every card's tags; the method's own (its trainer's, from the registry) follow them.
+CARD_TAGS = ["text-classification", "noisy-labels"]
 # Hyper-parameters worth a line in the model card, when the training arguments have them.
 CARD_HYPERPARAMETERS = (
     "learning_rate",
@@ -55,7 +56,7 @@ def write_model_card(
 ) -> Path:
     """
     Writes a Hub model card, `<output_dir>/README.md`: YAML metadata (with a `model-index` of the test metrics),
-    then the noise settings, the method, the metrics, how to load the model and, for MLC, the label corrector.
+    then the noise settings, the method, the metrics, how to load the model and, for a method that corrects labels (MLC), its label corrector.
 
     Args:
         output_dir (`str` or `os.PathLike`): the saved model's folder (created if missing).
@@ -74,7 +75,7 @@ def write_model_card(
     """
     noise = _check_noise(noise)
     model_id = _get(training_args, "hub_model_id") or Path(output_dir).resolve().name
-    metadata = _card_metadata(model_id, base_model, corpus, metrics)
+    metadata = _card_metadata(model_id, base_model, corpus, metrics, method)
     sections = [
         _card_intro(model_id, base_model, corpus, method),
         _card_noise(noise),
@@ -92,13 +93,17 @@ def write_model_card(
     return path
 
 
-def _card_metadata(model_id: str, base_model: str, corpus: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _card_metadata(
+    model_id: str, base_model: str, corpus: str, metrics: Mapping[str, Any], method: str
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {"library_name": "transformers"}
     if _is_hub_id(base_model):
         metadata["base_model"] = base_model
     if _is_hub_id(corpus):
         metadata["datasets"] = [corpus]
-    metadata.update(tags=CARD_TAGS, pipeline_tag="text-classification", metrics=["accuracy", "f1"])
+    own = REGISTRY[method].tags if method in REGISTRY else ()
+    tags = list(dict.fromkeys([*CARD_TAGS, *own]))
+    metadata.update(tags=tags, pipeline_tag="text-classification", metrics=["accuracy", "f1"])
     results = [
         {"type": kind, "value": _metric(metrics, key), "name": name, **({"args": args} if args else {})}
         for key, kind, name, args in (

@@ -45,9 +45,10 @@ def label_issues_results(
     trainer, corpus: NoisyCorpus, texts, corrected: dict | None, output_dir: str
 ) -> dict[str, Any]:
     """
-    Writes `label_issues.csv` (every noisy training row, the likeliest wrong label first: by the corrector for MLC,
-    by the main net's self-confidence otherwise) and returns what results.json says of it: the ranking used and,
-    where true labels are known, precision / recall at k (see [`~mlc_text.label_issues.precision_recall_at_k`]).
+    Writes `label_issues.csv` (every noisy training row, the likeliest wrong label first by the main net's
+    self-confidence; a corrector's soft label beside it) and returns what results.json says of it: the ranking used
+    and, where true labels are known, precision / recall at k (see [`~mlc_text.label_issues.precision_recall_at_k`]),
+    with the corrector's own precision at k for a method that corrects labels.
     """
     logits = trainer.predict(model_columns(corpus.train, "label"), metric_key_prefix="label_issues").predictions
     predicted = softmax(logits[0] if isinstance(logits, tuple) else logits)
@@ -64,15 +65,15 @@ def label_issues_results(
             true_labels=true,
         )
         write_label_issues(table, os.path.join(output_dir, LABEL_ISSUES_NAME))
-    self_confidence = precision_recall_at_k(label_quality(predicted, given), given, true)
-    summary = {"file": LABEL_ISSUES_NAME, "ranked_by": "self_confidence" if corrected is None else "corrector"}
-    if corrected is None:
-        return {**summary, **(self_confidence or {})}
-    scores = precision_recall_at_k(label_quality(soft_labels, given), given, true)
+    summary = {"file": LABEL_ISSUES_NAME, "ranked_by": "self_confidence"}
+    scores = precision_recall_at_k(label_quality(predicted, given), given, true)
     if scores is None:
         return summary
-    # What the main net's own confidence would have found, to tell what the corrector adds.
-    return {**summary, **scores, "self_confidence_precision_at_k": self_confidence["precision_at_k"]}
+    if soft_labels is not None:  # what the corrector's ranking would have found, to compare
+        summary["corrector_precision_at_k"] = precision_recall_at_k(label_quality(soft_labels, given), given, true)[
+            "precision_at_k"
+        ]
+    return {**summary, **scores}
 
 
 def write_outputs(

@@ -2,7 +2,7 @@
 `MLCTrainer`: Meta Label Correction as a `transformers.Trainer`. Orchestration only: the training step's protocol is
 [`CleanDataTrainer`]'s (base_trainer.py), the maths of the meta step is in meta_grad.py, the rows of the meta
 objective in meta_split.py, and the signals it logs about its corrector, with the warnings they call for, in
-corrector_signals.py. The names the base and those files took out of this one stay importable from here.
+corrector_signals.py.
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .autodiff import LossScale, trainable_parameters  # noqa: F401
-from .base_trainer import (  # noqa: F401
-    MLC_STATE_NAME,
-    SUPPORTED_OPTIM_NAMES,
-    CleanDataTrainer,
-    MainStep,
-    check_parallelism,
-    install_cpu_grad_scaler,
-)
-from .clean_batches import CleanBatchIterator, MetaBatch  # noqa: F401
+from .autodiff import LossScale
+from .base_trainer import MLC_STATE_NAME, CleanDataTrainer, MainStep, check_parallelism
+from .clean_batches import MetaBatch
 from .config import MLCTrainingArguments
 from .corrector_signals import signal_warnings, stayed_flat_warning, step_signals
 from .lookahead import LookaheadBuffer
-from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step
+from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient
 from .meta_net import (
     AnchoredCorrector,
     LabelCorrector,
@@ -40,21 +33,15 @@ from .meta_net import (
     head_features,
     warm_start_corrector,
 )
-from .meta_split import split_batch, split_meta_rows, with_meta_objective  # noqa: F401
+from .meta_split import split_meta_rows, with_meta_objective
 from .methods import MethodContext, get_method
-from .metrics import correction_stats  # noqa: F401
-from .virtual_step import check_optimizer  # noqa: F401
 
 __all__ = [
     "CleanDataTrainer",
     "MLCTrainer",
     "MLC_STATE_NAME",
-    "SUPPORTED_OPTIM_NAMES",
     "build_mlc_trainer",
     "check_parallelism",
-    "install_cpu_grad_scaler",
-    "split_batch",
-    "split_meta_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +97,9 @@ class MLCTrainer(CleanDataTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
         self.meta_batches = None if meta_rows is None else self._clean_stream(meta_rows, "meta", seed_offset=1)
         self.warm_started = False
+        # "auto": fd in float32, jvp under fp16 / bf16 autocast (the arguments', or accelerate's --mixed_precision)
+        precision = "fp16" if args.fp16 else "bf16" if args.bf16 else self.accelerator.mixed_precision
+        self.meta_gradient = resolve_meta_gradient(args.meta_gradient, precision)
         self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
             corrector_param_groups(self.corrector, args.meta_learning_rate, args.skip_learning_rate),
@@ -189,7 +179,7 @@ class MLCTrainer(CleanDataTrainer):
                 self.head,
                 batch,
                 self.optimizer,
-                meta_gradient=self.args.meta_gradient,
+                meta_gradient=self.meta_gradient,
                 lookahead=self.lookahead,
                 max_grad_norm=self.args.max_grad_norm,
                 keep_clean_pass=self._can_reuse_clean_pass(),

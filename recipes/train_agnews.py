@@ -7,7 +7,7 @@ AG News (4 classes) with simulated label noise: MLC by default, or any baseline 
     python recipes/train_agnews.py args.yaml                                    # every argument from a file
     python recipes/train_agnews.py --help                                       # every argument, MLC's own first
 
-It evaluates five times per run on a quarter of the trusted rows (`EVALUATION_DEFAULTS` in mlc_text/pipeline.py).
+It evaluates five times per run on a quarter of the trusted rows (`EVALUATION_DEFAULTS` in mlc_text/arguments.py).
 `--train_file` runs it on your own files instead of AG News (see docs/custom_corpus.md).
 """
 

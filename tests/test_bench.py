@@ -97,7 +97,9 @@ def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
     args = accuracy.parse_args([*argv, "--precision", "bf16"])
     recipe = accuracy.recipe_arguments(bf16[0], args, str(tmp_path))
     assert recipe["bf16"] is True and recipe.get("use_cpu", False) is not accuracy.torch.cuda.is_available()
-    assert accuracy.MLCTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=recipe.get("use_cpu", False)).bf16
+    assert accuracy.MLCTrainingArguments(
+        output_dir=str(tmp_path), bf16=True, use_cpu=recipe.get("use_cpu", False)
+    ).bf16
     assert "bf16" not in accuracy.recipe_arguments(fp32[0], args, str(tmp_path))
     # a bf16 run never stands in for the fp32 one, and a row written before the field existed is an fp32 row
     assert {accuracy.run_key(run) for run in fp32}.isdisjoint(accuracy.run_key(run) for run in bf16)

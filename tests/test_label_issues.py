@@ -79,9 +79,12 @@ def test_table_by_self_confidence_without_a_corrector():
     assert list(first) == list(LABEL_ISSUE_COLUMNS)
 
 
-def test_table_by_the_corrector_when_it_is_given():
+def test_table_by_the_corrector_when_asked():
     corrected = np.array([[0.2, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.1, 0.9], [0.6, 0.4, 0.0], [0.1, 0.8, 0.1]])
-    rows = table(corrected_probabilities=corrected)
+    by_default = table(corrected_probabilities=corrected)  # self-confidence ranks; the corrector is shown beside it
+    assert [row["index"] for row in by_default] == [13, 14, 12, 10, 11]
+    assert by_default[3]["corrected_label"] == "pos" and by_default[3]["label_quality"] == pytest.approx(0.7)
+    rows = table(corrected_probabilities=corrected, rank_by="corrector")
     assert [row["index"] for row in rows] == [10, 13, 14, 12, 11]  # corrector's given-label share 0.2, 0.6, 0.8, ...
     assert rows[0]["corrected_label"] == "pos" and rows[0]["corrector_confidence"] == pytest.approx(0.8)
     assert rows[0]["label_quality"] == pytest.approx(0.2) and rows[0]["predicted_label"] == "neg"
@@ -96,6 +99,10 @@ def test_table_refuses_mismatched_inputs():
         table(true_labels=[0, 0, 0, 0, -2])
     with pytest.raises(ValueError, match=r"corrected_probabilities must have shape \(5, 3\)"):
         table(corrected_probabilities=np.full((5, 2), 0.5))
+    with pytest.raises(ValueError, match="rank_by must be one of self_confidence, corrector, got 'quality'"):
+        table(rank_by="quality")
+    with pytest.raises(ValueError, match="rank_by='corrector' needs corrected_probabilities"):
+        table(rank_by="corrector")
 
 
 def test_csv_round_trip(tmp_path):

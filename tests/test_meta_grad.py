@@ -13,6 +13,7 @@ from mlc_text.meta_grad import (
     discount_factor,
     loss_and_grads,
     meta_step,
+    resolve_meta_gradient,
     soft_cross_entropy,
     trainable_parameters,
     virtual_step,
@@ -564,3 +565,12 @@ def test_a_used_carried_clean_pass_is_consumed():
     unused = meta_step(model, corrector, head, batch, optimizer, keep_clean_pass=True).clean_pass
     meta_step(model, corrector, head, batch, optimizer, carried_clean_pass=unused, clean_in_main_loss=False)
     assert len(unused.grads) == len(trainable_parameters(model))  # not used: left as it was
+
+
+def test_auto_meta_gradient_is_the_forward_difference_in_float32_and_jvp_under_half_precision():
+    assert resolve_meta_gradient("auto", "no") == resolve_meta_gradient("auto", None) == "fd"
+    assert resolve_meta_gradient("auto", "bf16") == resolve_meta_gradient("auto", "fp16") == "jvp"
+    for name in ("jvp", "fd", "fd_central", "reference"):  # a named path is taken whatever the precision
+        assert resolve_meta_gradient(name, "bf16") == resolve_meta_gradient(name, "no") == name
+    with pytest.raises(ValueError, match="auto, jvp, fd, fd_central, reference, got 'exact'"):
+        resolve_meta_gradient("exact", "no")

@@ -82,10 +82,10 @@ def test_every_method_writes_its_outputs(method, tiny_model_dir, data_dir, tmp_p
         assert written["correction_accuracy"] is None
     if method == "glc":
         assert len(written["glc_transition_matrix"]) == 4
-    assert_label_issues(output_dir, written, ranked_by="corrector" if method == "mlc" else "self_confidence")
+    assert_label_issues(output_dir, written, corrects_labels=method == "mlc")
 
 
-def assert_label_issues(output_dir, results: dict, ranked_by: str) -> None:
+def assert_label_issues(output_dir, results: dict, corrects_labels: bool) -> None:
     """label_issues.csv: every noisy training row once, least believed label first; precision at k in results."""
     with (output_dir / "label_issues.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
@@ -93,10 +93,10 @@ def assert_label_issues(output_dir, results: dict, ranked_by: str) -> None:
     assert len(table) == results["rows"]["train"] == len({row["index"] for row in table})
     quality = [float(row["label_quality"]) for row in table]
     assert quality == sorted(quality) and [int(row["rank"]) for row in table] == list(range(1, len(table) + 1))
-    assert all((row["corrected_label"] != "") == (ranked_by == "corrector") for row in table)
+    assert all((row["corrected_label"] != "") == corrects_labels for row in table)
     wrong = sum(row["given_label"] != row["true_label"] for row in table)  # simulated noise: every true label known
     issues = results["label_issues"]
-    assert issues["ranked_by"] == ranked_by and issues["k"] == wrong > 0 and issues["num_known"] == len(table)
+    assert issues["ranked_by"] == "self_confidence" and issues["k"] == wrong > 0 and issues["num_known"] == len(table)
     assert issues["precision_at_k"] == issues["recall_at_k"] and 0.0 <= issues["precision_at_k"] <= 1.0
     assert issues["wrong_share"] == pytest.approx(wrong / len(table)) == results["noise"]["realised_rate"]
 

@@ -179,7 +179,7 @@ def test_write_model_card_mlc(tmp_path):
     assert metadata["library_name"] == "transformers"
     assert metadata["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert metadata["datasets"] == ["fancyzhx/ag_news"]
-    assert metadata["tags"] == ["text-classification", "noisy-labels", "meta-label-correction"]
+    assert metadata["tags"] == ["text-classification", "noisy-labels", "mlc-text", "meta-label-correction"]
     assert metadata["pipeline_tag"] == "text-classification"
     result = metadata["model-index"][0]["results"][0]
     assert {m["type"]: m["value"] for m in result["metrics"]} == {"accuracy": 0.875, "f1": 0.8612}
@@ -202,6 +202,7 @@ def test_write_model_card_baseline_with_local_base_model(tmp_path):
     text = path.read_text()
     metadata = front_matter(text)
     assert "base_model" not in metadata and "model-index" not in metadata
+    assert "meta-label-correction" not in metadata["tags"]  # a fine-tuned model is not tagged as MLC's
     assert "asymmetric" in text and "0.2" in text
     assert "label_corrector.pt" not in text
     with pytest.raises(ValueError, match="noise must be a dict"):

@@ -202,6 +202,19 @@ def test_trainer_meta_gradient_matches_reference(tmp_path, optim, gradient_steps
         assert ((jvp - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_auto_meta_gradient_takes_the_forward_difference_in_float32_and_jvp_under_bf16(tmp_path):
+    trained = {}
+    for path in ("auto", "fd"):
+        trainer = make_trainer(tmp_path / path, trainer_class=RecordingTrainer, meta_gradient=path, max_steps=2)
+        trainer.train()
+        trained[path] = trainer
+    assert trained["auto"].meta_gradient == "fd" and trained["auto"].args.meta_gradient == "auto"
+    for auto, fd in zip(trained["auto"].recorded, trained["fd"].recorded):  # the same path, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(auto, fd))
+    assert make_trainer(tmp_path / "bf16", meta_gradient="auto", bf16=True).meta_gradient == "jvp"
+    assert make_trainer(tmp_path / "named", meta_gradient="reference", bf16=True).meta_gradient == "reference"
+
+
 @pytest.mark.parametrize(
     "settings",
     [{}, {"meta_split": "rows"}, {"meta_split": "batch", "meta_gradient": "fd", "corrector_warm_start_steps": 5}],
