@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.rows import KEY_FIELDS, RUN_FILE, row_value, run_folder_name  # noqa: E402
 from mlc_text.config import MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
+from mlc_text.meta_grad import resolve_meta_gradient  # noqa: E402
 from mlc_text.methods import METHODS  # noqa: E402
 from mlc_text.noise import NOISE_TYPES  # noqa: E402
 
@@ -195,6 +196,9 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_learning_rate"] = meta_lr
                 if args.mlc_settings:
                     run["mlc_settings"] = settings_key(args.mlc_settings)
+                run["meta_gradient"] = resolve_meta_gradient(
+                    args.mlc_settings.get("meta_gradient", MLCTrainingArguments.meta_gradient), args.precision
+                )
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

@@ -40,11 +40,27 @@ KEY_FIELDS = (
     "mlc_defaults",
     # fp32, or bf16 (CPU or CUDA autocast, the recipe's --bf16); rows written before the field existed ran in fp32.
     "precision",
+    # An MLC run's meta-gradient path as it ran ("auto" resolved): a row of the defaults after they became "auto" (fd
+    # in fp32) is not one of the jvp defaults before. See `legacy_meta_gradient` for rows without the field.
+    "meta_gradient",
 )
+
+
+def legacy_meta_gradient(row: dict) -> str | None:
+    """The path of an MLC row written before `meta_gradient` was recorded: its `--mlc_settings`' one, else jvp."""
+    if row.get("method") != "mlc":
+        return None
+    settings = row.get("mlc_settings") or ""
+    for name in ("fd_central", "fd", "reference"):
+        if f"meta_gradient={name}" in settings.replace('"', ""):
+            return name
+    return "jvp"  # the default from the first row that has mlc_defaults until the defaults became "auto"
 
 
 def row_value(row: dict, name: str):
     """`row[name]`, or the value every row that lacks the field was run with (`None` if there is none)."""
+    if name == "meta_gradient" and name not in row:
+        return legacy_meta_gradient(row)
     return row.get(name, LEGACY_DEFAULTS.get(name))
 
 

@@ -16,7 +16,8 @@ optimizer step, the schedule and `zero_grad`, as the `Trainer`'s loop runs them 
 outside). Paths (MLC with the package defaults unless named):
 
 * `plain`: fine-tuning (`FinetuneTrainer`).
-* `jvp` (MLC's default `meta_gradient`), `fd`, `fd_central`, `reference`: an MLC step with that `meta_gradient`.
+* `jvp`, `fd` (what MLC's default `meta_gradient="auto"` takes in float32), `fd_central`, `reference`: an MLC step with
+  that `meta_gradient`.
 * variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`.
 
 Times are medians over steps run in turn, one step of each path per round (each trainer runs in its own thread and

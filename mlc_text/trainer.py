@@ -100,6 +100,8 @@ class MLCTrainer(CleanDataTrainer):
         # "auto": fd in float32, jvp under fp16 / bf16 autocast (the arguments', or accelerate's --mixed_precision)
         precision = "fp16" if args.fp16 else "bf16" if args.bf16 else self.accelerator.mixed_precision
         self.meta_gradient = resolve_meta_gradient(args.meta_gradient, precision)
+        if args.meta_gradient == "auto":
+            logger.info(f"meta_gradient='auto': {self.meta_gradient!r} ({precision or 'no'} mixed precision)")
         self.corrector = (corrector or self._build_corrector(model, model.config.num_labels)).to(args.device)
         self.meta_optimizer = torch.optim.Adam(
             corrector_param_groups(self.corrector, args.meta_learning_rate, args.skip_learning_rate),

@@ -110,8 +110,24 @@ def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
     assert report.method_label(bf16[0]) == "clean_only (bf16)" and report.method_label(fp32[0]) == "clean_only"
     assert report.method_label(bf16[1]) == "mlc (bf16)"
     assert report.method_rank("clean_only (bf16)") == report.method_rank("clean_only")
+    # the defaults' meta-gradient ("auto") as it runs: fd in fp32, jvp under bf16; nothing for the baselines
+    assert (fp32[1]["meta_gradient"], bf16[1]["meta_gradient"]) == ("fd", "jvp") and "meta_gradient" not in fp32[0]
+    named = accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "meta_gradient=reference"]))
+    assert named[1]["meta_gradient"] == "reference"
     with pytest.raises(SystemExit):
         accuracy.parse_args([*argv, "--precision", "fp16"])
+
+
+def test_rows_without_a_recorded_meta_gradient_read_as_the_path_they_ran():
+    rows = load("rows")
+    assert rows.row_value({"method": "mlc", "mlc_defaults": True}, "meta_gradient") == "jvp"  # the old default
+    fd = {"method": "mlc", "mlc_settings": 'meta_gradient="fd",skip_connection="per_example"'}
+    assert rows.row_value(fd, "meta_gradient") == "fd"
+    assert (
+        rows.row_value({"method": "mlc", "mlc_settings": "meta_gradient=fd_central"}, "meta_gradient") == "fd_central"
+    )
+    assert rows.row_value({"method": "l2rw"}, "meta_gradient") is None
+    assert rows.row_value({"method": "mlc", "meta_gradient": "fd"}, "meta_gradient") == "fd"
 
 
 def test_runs_that_differ_in_any_key_field_get_their_own_folder(tmp_path, data_dir, monkeypatch):
@@ -342,6 +358,7 @@ def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 
             if method == "mlc":
                 row["meta_learning_rate"] = 3e-4
                 row["mlc_defaults"] = not settings
+                row["meta_gradient"] = "fd"  # what the defaults' "auto" runs in fp32
                 if settings:
                     row["mlc_settings"] = settings.rstrip("]")
             rows.append(row)

@@ -280,7 +280,10 @@ def test_clean_set_missing_a_class_warns(tmp_path, caplog):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"meta_gradient": "hessian"}, "meta_gradient must be one of auto, jvp, fd, fd_central, reference, got 'hessian'"),
+        (
+            {"meta_gradient": "hessian"},
+            "meta_gradient must be one of auto, jvp, fd, fd_central, reference, got 'hessian'",
+        ),
         ({"gradient_steps": 0}, "gradient_steps must be an integer >= 1, got 0"),
         ({"meta_update_interval": 0}, "meta_update_interval must be an integer >= 1, got 0"),
         ({"method": "coteaching"}, "method must be one of"),
