@@ -96,6 +96,12 @@ class MLCTrainingArguments(TrainingArguments):
             virtual one (no gradient accumulation, optimizer step not skipped).
         meta_update_interval (`int`, *optional*, defaults to `1`):
             Run the meta step every this many optimizer steps; steps in between train on corrected labels only.
+        normalize_meta_gradient (`bool`, *optional*, defaults to `False`):
+            Give the corrector's optimizer the meta-gradient scaled to unit norm (its direction only). The
+            meta-gradient is proportional to the clean gradient at w', which all but vanishes once the main net has
+            fitted the trusted rows (a few dozen steps with 20 rows per class), and amsgrad's Adam never takes larger
+            steps again after the large early gradients: the corrector stops learning. L2RW, which normalises its
+            weights per batch, is immune to the same shrinking.
         meta_lr_follows_schedule (`bool`, *optional*, defaults to `True`):
             Scale the corrector's learning rate by the main learning-rate schedule (warm-up, decay). The
             meta-gradient shrinks with the main learning rate, and Adam would otherwise undo that.
@@ -166,6 +172,9 @@ class MLCTrainingArguments(TrainingArguments):
     )
     meta_update_interval: int = field(
         default=1, metadata={"help": "Run the meta step every N optimizer steps (1 = every step)."}
+    )
+    normalize_meta_gradient: bool = field(
+        default=False, metadata={"help": "Scale the meta-gradient to unit norm before the corrector's Adam step."}
     )
     meta_lr_follows_schedule: bool = field(
         default=True, metadata={"help": "Scale the corrector's learning rate by the main learning-rate schedule."}

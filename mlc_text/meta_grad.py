@@ -102,11 +102,18 @@ __all__ = [
     "META_GRADIENTS",
     "META_GRADIENT_CHOICES",
     "resolve_meta_gradient",
+    "unit_norm",
 ]
 
 META_GRADIENTS = ("jvp", "fd", "fd_central", "reference")
 # What `MLCTrainingArguments.meta_gradient` accepts: a path above, or "auto" (see `resolve_meta_gradient`).
 META_GRADIENT_CHOICES = ("auto", *META_GRADIENTS)
+
+
+def unit_norm(grads: list[torch.Tensor], eps: float = 1e-12) -> list[torch.Tensor]:
+    """`grads` divided by their joint 2-norm (all zeros stay zeros): the direction of the meta-gradient."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad.float()) for grad in grads]))
+    return [grad / (norm + eps).to(grad.dtype) for grad in grads]
 
 
 def resolve_meta_gradient(meta_gradient: str, mixed_precision: str | None) -> str:

@@ -22,7 +22,7 @@ from .clean_batches import MetaBatch
 from .config import MLCTrainingArguments
 from .corrector_signals import signal_warnings, stayed_flat_warning, step_signals
 from .lookahead import LookaheadBuffer
-from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient
+from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient, unit_norm
 from .meta_net import (
     AnchoredCorrector,
     LabelCorrector,
@@ -257,6 +257,8 @@ class MLCTrainer(CleanDataTrainer):
         total = self.lookahead.accumulate(self._pending_meta_grads, self._pending_gamma)
         self._pending_meta_grads, self._pending_gamma = None, None
         self._metrics["train"]["meta_grad_norm"].append(torch.sqrt(sum(g.square().sum() for g in total)).item())
+        if self.args.normalize_meta_gradient:
+            total = unit_norm(total)
         if self.lookahead.should_step:
             self._follow_main_schedule()
             params = [param for param in self.corrector.parameters() if param.requires_grad]

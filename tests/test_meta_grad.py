@@ -16,6 +16,7 @@ from mlc_text.meta_grad import (
     resolve_meta_gradient,
     soft_cross_entropy,
     trainable_parameters,
+    unit_norm,
     virtual_step,
 )
 from mlc_text.meta_net import LabelCorrector, capture_head_features, find_head_module
@@ -574,3 +575,15 @@ def test_auto_meta_gradient_is_the_forward_difference_in_float32_and_jvp_under_h
         assert resolve_meta_gradient(name, "bf16") == resolve_meta_gradient(name, "no") == name
     with pytest.raises(ValueError, match="auto, jvp, fd, fd_central, reference, got 'exact'"):
         resolve_meta_gradient("exact", "no")
+
+
+def test_unit_norm_keeps_the_direction_of_the_meta_gradient():
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[0.0], [4.0]])]
+    unit = unit_norm(grads)
+    torch.testing.assert_close(unit[0], torch.tensor([0.6, 0.0]))
+    torch.testing.assert_close(unit[1], torch.tensor([[0.0], [0.8]]))
+    assert unit[1].shape == (2, 1)
+    # scale-free: a meta-gradient 1e6 times smaller (a fitted clean set) gives the same direction
+    torch.testing.assert_close(unit_norm([grad * 1e-6 for grad in grads])[0], unit[0])
+    zeros = unit_norm([torch.zeros(3)])[0]
+    assert torch.equal(zeros, torch.zeros(3))  # no NaN from a zero meta-gradient

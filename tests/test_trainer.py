@@ -202,6 +202,23 @@ def test_trainer_meta_gradient_matches_reference(tmp_path, optim, gradient_steps
         assert ((jvp - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_normalize_meta_gradient_hands_the_corrector_the_unit_direction(tmp_path):
+    seen = {}
+    for flag in (False, True):
+        trainer = make_trainer(tmp_path / str(flag), normalize_meta_gradient=flag, max_steps=1)
+        step, grads = trainer.meta_optimizer.step, []
+
+        def recording_step(*args, _step=step, _grads=grads, _trainer=trainer, **kwargs):
+            _grads.append(torch.cat([p.grad.flatten() for p in _trainer.corrector.parameters() if p.grad is not None]))
+            return _step(*args, **kwargs)
+
+        trainer.meta_optimizer.step = recording_step
+        trainer.train()
+        (seen[flag],) = grads
+    assert torch.linalg.vector_norm(seen[True]).item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(seen[True], seen[False] / torch.linalg.vector_norm(seen[False]))
+
+
 def test_auto_meta_gradient_takes_the_forward_difference_in_float32_and_jvp_under_bf16(tmp_path):
     trained = {}
     for path in ("auto", "fd"):
