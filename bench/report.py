@@ -14,8 +14,8 @@ Given `--memorisation` (the output of `bench/memorisation.py` for the same runs)
 method, how much of the label noise the final models learned, seed by seed; given `--train_logs` (the output of
 `bench/train_logs.py`), what L2RW's weights and MLC's corrector did to the noisy rows while they trained.
 
-    python bench/report.py                 # rewrites the generated block of docs/RESULTS.md, plots to docs/figures
-    # what docs/RESULTS.md shows:
+    python bench/report.py --readme README.md   # what docs/RESULTS.md and README.md show; plots to docs/figures
+    # ... with what the final models memorised and what the correctors did (longer):
     python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl --train_logs bench/results/train_logs-cpu.jsonl
 """
 
@@ -150,6 +150,17 @@ def cell_title(cell: tuple) -> str:
     )
 
 
+def short_cell(cell: tuple) -> str:
+    """A cell in a table's first column: `ag_news, flip 0.4, 20/class, 1 ep.` (the model when it is not MiniLM)."""
+    corpus, model, kind, rate, clean, epochs, rows, _, selection = cell
+    return (
+        f"{corpus}, {kind} {rate:g}, {clean}/class, {epochs:g} ep."
+        + ("" if rows == 4000 else f", {rows} rows")
+        + ("" if model == "minilm-l6" else f", {model}")
+        + (", selected" if selection else "")
+    )
+
+
 def table(cell: tuple, methods: dict[str, dict]) -> str:
     lines = [
         f"#### {cell_title(cell)}",
@@ -281,7 +292,7 @@ def appendix_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         seeds = max(len(stats["seeds"]) for stats in methods.values())
         values = [accuracy_of(methods, name) for name in names]
         mlc = f"{accuracy_of(methods, best)} ({best})" if best else "-"
-        lines.append(f"| {cell_title(cell)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
+        lines.append(f"| {short_cell(cell)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
     return lines
 
 
@@ -291,11 +302,9 @@ def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
     for cell, methods in cells.items():
         if not has_headroom(methods):
             continue
-        corpus, _, kind, rate, clean, epochs, _, _, selection = cell
         best = best_baseline({name: stats for name, stats in methods.items() if name != "clean_only"})
         lines.append(
-            f"| {corpus}, {kind} {rate:g}, {clean}/class, {epochs:g} ep.{', selected' if selection else ''} "
-            f"| {accuracy_of(methods, 'clean_only')} "
+            f"| {short_cell(cell)} | {accuracy_of(methods, 'clean_only')} "
             f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, 'mlc')} | {accuracy_of(methods, 'oracle')} |"
         )
     return "\n".join(lines)
@@ -355,7 +364,7 @@ def selection_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
                 shares[label].append(value)
 
         lines.append(
-            f"| {cell_title(cell)} | {chosen} | {','.join(map(str, stats['seeds']))} | {fmt(*stats['test_accuracy'])} "
+            f"| {short_cell(cell)} | {chosen} | {','.join(map(str, stats['seeds']))} | {fmt(*stats['test_accuracy'])} "
             f"| {accuracy_of(methods, 'finetune')} | {accuracy_of(methods, 'clean_only')} "
             f"| {f'{best} {accuracy_of(methods, best)}' if best else '-'} | {'-' if gap is None else f'{gap:+.2f}'} |"
         )

@@ -96,7 +96,8 @@ def signal_warnings(
         )
     if clean_loss is not None and clean_loss < MEMORISED_CLEAN_LOSS:
         advice = (
-            " Use meta_split='rows' (trusted rows kept for the meta objective)."
+            " Add trusted rows, or compare with method='l2rw' (its weights do not fade with the clean loss);"
+            " meta_split='rows' keeps trusted rows for the meta objective, at the cost of fewer in the main loss."
             if (args.meta_split != "rows")
             else " Add trusted rows, or train for fewer epochs."
         )

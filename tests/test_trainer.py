@@ -445,7 +445,7 @@ def test_signals_of_a_corrector_that_does_not_learn_are_warned_once(tmp_path, ca
 
 
 def test_memorised_meta_objective_advice_depends_on_the_split(tmp_path, caplog):
-    for split, advice in (("none", "Use meta_split='rows'"), ("rows", "Add trusted rows")):
+    for split, advice in (("none", "method='l2rw' (its weights do not fade"), ("rows", "Add trusted rows, or train")):
         trainer = make_trainer(tmp_path / split, meta_split=split)
         caplog.clear()
         with caplog.at_level("WARNING", logger="mlc_text.trainer"):
