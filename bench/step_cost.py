@@ -18,7 +18,8 @@ outside). Paths (MLC with the package defaults unless named):
 * `plain`: fine-tuning (`FinetuneTrainer`).
 * `jvp`, `fd` (what MLC's default `meta_gradient="auto"` takes in float32), `fd_central`, `reference`: an MLC step with
   that `meta_gradient`.
-* variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`.
+* variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`, `half_clean_batch` (`clean_batch_size` half
+  the batch size).
 
 Times are medians over steps run in turn, one step of each path per round (each trainer runs in its own thread and
 waits for its turn at `on_step_begin`), so that drift of a shared machine hits every path alike. Peak memory is
@@ -91,9 +92,11 @@ DOCS_START, DOCS_END = "<!-- step_cost tables: start -->", "<!-- step_cost table
 NUM_LABELS = 4
 MODELS = ("minilm", "tiny-bert", "bert-base-random")
 PATHS = ("plain", "jvp", "fd", "fd_central", "reference")
-VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss")
+VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss", "half_clean_batch")
 INTERVALS = (1, 2, 5)
 EPOCH_GRADIENTS = ("jvp", "fd")
+# A setting of the cases, not of MLCTrainingArguments: clean_batch_size = half the batch size.
+HALF_CLEAN_BATCH = "half_clean_batch"
 EPOCH_ROWS, EPOCH_CLEAN_ROWS = 6000, 80  # an AG News cell of the accuracy grid: 6000 noisy rows, 20 trusted per class
 
 
@@ -103,7 +106,7 @@ class StepCase:
 
     path: str  # plain | jvp | fd | fd_central | reference
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    variant: str = "default"  # default | no_reuse | no_clean_in_main_loss
+    variant: str = "default"  # default | no_reuse | no_clean_in_main_loss | half_clean_batch
 
     def __post_init__(self):
         if self.path not in PATHS or self.precision not in ("fp32", "bf16", "fp16") or self.variant not in VARIANTS:
@@ -130,6 +133,8 @@ class StepCase:
             settings["reuse_clean_pass"] = False
         if self.variant == "no_clean_in_main_loss":
             settings["clean_in_main_loss"] = False
+        if self.variant == "half_clean_batch":
+            settings[HALF_CLEAN_BATCH] = True
         return settings
 
 
@@ -140,15 +145,22 @@ class EpochCase:
     meta_gradient: str | None
     interval: int = 1
     precision: str = "fp32"
+    half_clean_batch: bool = False
 
     @property
     def key(self) -> str:
-        return "finetune" if self.meta_gradient is None else f"mlc:{self.meta_gradient}:every {self.interval}"
+        if self.meta_gradient is None:
+            return "finetune"
+        return f"mlc:{self.meta_gradient}:every {self.interval}" + (
+            ":half clean batch" if self.half_clean_batch else ""
+        )
 
     def settings(self) -> dict:
         settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
         if self.meta_gradient is not None:
             settings.update(meta_gradient=self.meta_gradient, meta_update_interval=self.interval)
+        if self.half_clean_batch:
+            settings[HALF_CLEAN_BATCH] = True
         return settings
 
 
@@ -162,6 +174,7 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
     precision = "bf16" if device == "cuda" else "fp32"
     cases = [StepCase(path, precision) for path in ("plain", "jvp", "fd", "fd_central", "reference")]
     cases += [StepCase("jvp", precision, "no_reuse"), StepCase("jvp", precision, "no_clean_in_main_loss")]
+    cases += [StepCase("fd", precision, "half_clean_batch")]
     if device == "cpu" and bf16 and cpu_has_bf16():
         cases += [StepCase("plain", "bf16"), StepCase("jvp", "bf16"), StepCase("fd", "bf16")]
     elif device == "cpu" and bf16:
@@ -171,7 +184,8 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
 
 def epoch_cases(precision: str) -> list[EpochCase]:
     cases = [EpochCase(None, precision=precision)]
-    return cases + [EpochCase(gradient, n, precision) for gradient in EPOCH_GRADIENTS for n in INTERVALS]
+    cases += [EpochCase(gradient, n, precision) for gradient in EPOCH_GRADIENTS for n in INTERVALS]
+    return cases + [EpochCase("fd", 1, precision, half_clean_batch=True)]
 
 
 def cpu_has_bf16() -> bool:
@@ -224,6 +238,9 @@ def build_trainer(args, model_name: str, max_length: int, settings: dict, max_st
     `settings`, on `max_steps` batches of noisy rows and 4 clean batches; AdamW at 2e-5, weight decay 0.01 and the
     `Trainer`'s clipping (max_grad_norm 1), no logging, no checkpoints.
     """
+    settings = dict(settings)
+    if settings.pop(HALF_CLEAN_BATCH, False):
+        settings["clean_batch_size"] = args.batch_size // 2
     model = build_model(model_name, args.device, args.seed)
     vocab_size = model.config.vocab_size
     noisy = random_rows(vocab_size, max_steps * args.batch_size, max_length, args.seed + 1)

@@ -429,6 +429,19 @@ def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, dat
 
 
 # ------------------------------------------------------------------------------------------------ step_cost
+def test_step_cost_half_clean_batch_case_halves_the_clean_batch(tmp_path):
+    step_cost = load("step_cost")
+    args = step_cost.parse_args(["--model", "tiny-bert", "--lengths", "8", "--batch-size", "4", "--threads", "1"])
+    for case in (
+        step_cost.StepCase("fd", "fp32", "half_clean_batch"),
+        step_cost.EpochCase("fd", half_clean_batch=True),
+    ):
+        trainer = step_cost.build_trainer(args, "tiny-bert", 8, case.settings(), 2, str(tmp_path / "half"))
+        assert trainer.args.clean_batch_size == 2 and trainer.args.meta_gradient == "fd"
+    plain = step_cost.build_trainer(args, "tiny-bert", 8, step_cost.StepCase("fd").settings(), 2, str(tmp_path / "p"))
+    assert plain.args.clean_batch_size == 4  # the default: the training batch size
+
+
 def test_step_cost_times_the_trainers_own_steps_in_turn(tmp_path):
     # Two trainers (fine-tuning and MLC with the forward difference) on a tiny BERT: each runs its own
     # `trainer.train()`, one optimizer step of each per round.
