@@ -204,19 +204,25 @@ def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) 
         f"--clean_per_class {clean} --epochs {epochs:g} --max_train_samples {rows} --validation_size {validation} "
         f"--seeds {' '.join(map(str, seeds))}" + ("" if model == "minilm-l6" else f" --model {model}")
     )
-    baselines = [name for name in sorted(methods, key=method_rank) if not name.startswith("mlc")]
-    commands = [f"{base} --methods {' '.join(baselines)}"] if baselines else []
-    names = sorted(name for name in methods if name.startswith("mlc"))
-    for name in names if variants else names[:1]:
-        run = methods[name]["example"]
-        command = f"{base} --methods mlc"
-        if not run.get("mlc_defaults") and run.get("meta_learning_rate") is not None:
-            command += f" --meta_learning_rates {run['meta_learning_rate']:g}"
-            if run.get("mlc_settings"):
-                command += " --mlc_settings " + " ".join(
-                    item.replace('"', "") for item in run["mlc_settings"].split(",")
-                )
-        commands.append(command)
+    base += f" --select_on_trusted {selection}" if selection else ""
+    commands = []
+    for precision in sorted({row_value(stats["example"], "precision") for stats in methods.values()}):
+        at = {name: stats for name, stats in methods.items() if row_value(stats["example"], "precision") == precision}
+        head = base + ("" if precision == LEGACY_DEFAULTS["precision"] else f" --precision {precision}")
+        baselines = [name for name in sorted(at, key=method_rank) if not name.startswith("mlc")]
+        if baselines:
+            commands.append(f"{head} --methods {' '.join(at[name]['example']['method'] for name in baselines)}")
+        names = sorted(name for name in at if name.startswith("mlc"))
+        for name in names if variants else names[:1]:
+            run = at[name]["example"]
+            command = f"{head} --methods mlc"
+            if not run.get("mlc_defaults") and run.get("meta_learning_rate") is not None:
+                command += f" --meta_learning_rates {run['meta_learning_rate']:g}"
+                if run.get("mlc_settings"):
+                    command += " --mlc_settings " + " ".join(
+                        item.replace('"', "") for item in run["mlc_settings"].split(",")
+                    )
+            commands.append(command)
     return commands
 
 

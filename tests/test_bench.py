@@ -389,11 +389,19 @@ def test_report_checks_the_targets_over_cells_with_headroom():
 def test_cell_commands_reproduce_the_cell(data_dir):
     accuracy, report = load("accuracy"), load("report")
     rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, 'mlc[skip_connection="per_example"]': 0.86})
+    bf16 = _cell_rows(1.0, {"clean_only": 0.8, "mlc": 0.85})[:2]  # seed 0 of each, under bf16 autocast
+    for row in bf16:
+        row["precision"] = "bf16"
+        if row["method"] == "mlc":
+            row["meta_gradient"] = "jvp"  # what "auto" takes under bf16
+    rows += bf16
     for row in rows:  # the run keys bench/accuracy.py gives these rows
         row["meta_learning_rate"] = row.get("meta_learning_rate")
+        row["select_on_trusted"] = 5
     ((cell, methods),) = report.summarise(rows).items()
     commands = report.cell_commands(cell, methods)
-    assert len(commands) == 3
+    assert len(commands) == 5 and all("--select_on_trusted 5" in command for command in commands)
+    assert sum("--precision bf16 --methods clean_only" in command for command in commands) == 1
     # the results page shows the baselines' and the defaults' commands; a variant's is derived from the latter
     assert report.cell_commands(cell, methods, variants=False) == [
         command for command in commands if "--mlc_" not in command
@@ -401,6 +409,8 @@ def test_cell_commands_reproduce_the_cell(data_dir):
     keys = set()
     for command in commands:
         argv = command.split()[2:] + ["--data_dir", data_dir]
+        if "--precision bf16" in command:
+            argv[argv.index("--seeds") + 1 : argv.index("--seeds") + 4] = ["0"]  # the bf16 rows: seed 0 only
         for run in accuracy.grid(accuracy.parse_args(argv)):
             if run["method"] == "mlc" and not run.get("mlc_settings"):
                 run["meta_learning_rate"] = 3e-4  # the package default these rows ran with
