@@ -227,8 +227,8 @@ def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) 
 
 
 def best_baseline(methods: dict[str, dict]) -> str | None:
-    """The method with the best mean test accuracy in a cell, MLC variants and the oracle left out."""
-    baselines = [name for name in methods if not name.startswith("mlc") and name != "oracle"]
+    """The method with the best mean test accuracy in a cell, MLC variants, the oracle and bf16 rows left out."""
+    baselines = [name for name in methods if not name.startswith("mlc") and name != "oracle" and " (" not in name]
     return max(baselines, key=lambda name: methods[name]["test_accuracy"][0], default=None)
 
 

@@ -110,6 +110,8 @@ def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
     assert report.method_label(bf16[0]) == "clean_only (bf16)" and report.method_label(fp32[0]) == "clean_only"
     assert report.method_label(bf16[1]) == "mlc (bf16)"
     assert report.method_rank("clean_only (bf16)") == report.method_rank("clean_only")
+    stats = {"test_accuracy": (0.9, None)}
+    assert report.best_baseline({"clean_only (bf16)": stats, "l2rw": {"test_accuracy": (0.8, None)}}) == "l2rw"
     # the defaults' meta-gradient ("auto") as it runs: fd in fp32, jvp under bf16; nothing for the baselines
     assert (fp32[1]["meta_gradient"], bf16[1]["meta_gradient"]) == ("fd", "jvp") and "meta_gradient" not in fp32[0]
     named = accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "meta_gradient=reference"]))
