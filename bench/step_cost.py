@@ -558,6 +558,8 @@ def run_epoch_cost(args) -> list[dict]:
         row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size, "precision": precision}
         row.update(method="finetune" if case.meta_gradient is None else "mlc", meta_gradient=case.meta_gradient)
         row.update(meta_update_interval=None if case.meta_gradient is None else case.interval)
+        half = args.batch_size // 2 if case.half_clean_batch else args.batch_size
+        row.update(clean_batch_size=None if case.meta_gradient is None else half)
         row.update(step_s=round(step_s, 4), measured_steps=args.epoch_steps, epoch_rows=EPOCH_ROWS)
         row.update(steps_per_epoch=steps, epoch_s=round(step_s * steps, 1))
         rows.append({**row, **machine_info(args)})
@@ -608,6 +610,7 @@ def render_tables(step_rows: list[dict] | None, epoch_rows: list[dict] | None) -
     if epoch_rows:
         first = epoch_rows[0]
         columns = [("method", "method"), ("meta_gradient", "meta_gradient"), ("meta_update_interval", "interval")]
+        columns += [("clean_batch_size", "clean batch")]
         columns += [("step_s", "s / step (mean)"), ("step_ratio_to_finetune", "x fine-tuning step")]
         columns += [("epoch_s", "epoch (s)"), ("epoch_ratio_to_finetune", "x fine-tuning epoch")]
         parts += [

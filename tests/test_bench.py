@@ -519,7 +519,7 @@ def test_step_cost_tables_go_between_the_docs_markers(tmp_path):
     assert "old table" not in text and text.startswith("# Performance\n\nbefore\n") and text.endswith("after\n")
     assert "| minilm | 64 | fd | default | fp32 | 3.00 | 2.31 | 469.00 | 1.00 |" in text
     assert "`python bench/step_cost.py --quick`" in text and "load average 0.5" in text
-    assert "| finetune | - | - | 1.30 | 1.00 | 247.00 | 1.00 |" in text
+    assert "| finetune | - | - | - | 1.30 | 1.00 | 247.00 | 1.00 |" in text
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         step_cost.update_docs("table", tmp_path / "plain.md")
