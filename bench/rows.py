@@ -11,8 +11,6 @@ import json
 import os
 import re
 
-# Fields that rows written before they were recorded lack, with the one value those rows used.
-LEGACY_DEFAULTS = {"validation_size": 500, "select_on_trusted": 0, "mlc_defaults": False, "precision": "fp32"}
 
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
@@ -57,11 +55,23 @@ def legacy_meta_gradient(row: dict) -> str | None:
     return "jvp"  # the default from the first row that has mlc_defaults until the defaults became "auto"
 
 
+# Fields that rows written before they were recorded lack, with the value those rows used (a function of the row
+# where it depends on the row).
+LEGACY_DEFAULTS = {
+    "validation_size": 500,
+    "select_on_trusted": 0,
+    "mlc_defaults": False,
+    "precision": "fp32",
+    "meta_gradient": legacy_meta_gradient,
+}
+
+
 def row_value(row: dict, name: str):
     """`row[name]`, or the value every row that lacks the field was run with (`None` if there is none)."""
-    if name == "meta_gradient" and name not in row:
-        return legacy_meta_gradient(row)
-    return row.get(name, LEGACY_DEFAULTS.get(name))
+    if name in row:
+        return row[name]
+    legacy = LEGACY_DEFAULTS.get(name)
+    return legacy(row) if callable(legacy) else legacy
 
 
 def safe_name(text) -> str:
