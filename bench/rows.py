@@ -11,7 +11,6 @@ import json
 import os
 import re
 
-
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
 RUN_FILE = "bench_run.json"
