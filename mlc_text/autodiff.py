@@ -26,6 +26,7 @@ __all__ = [
     "logits_jvp",
     "logits_finite_difference",
     "finite_difference_step",
+    "install_cpu_grad_scaler",
 ]
 
 # Averages a list of tensors across processes, in place (`CleanDataTrainer.all_reduce_mean`); `None` on one process.
@@ -261,3 +262,18 @@ def _reduce_dict(reduce: Reduce | None, grads: ParamDict | None) -> None:
 
 def _found_inf(loss_scale: LossScale | None, reduce: Reduce | None) -> bool:
     return loss_scale is not None and loss_scale.found_inf(reduce)
+
+
+def install_cpu_grad_scaler(accelerator) -> None:
+    """
+    Gives `accelerator` fp16 on CPU as it has it on a GPU: autocast to float16 around the model's forward and a
+    `torch.amp.GradScaler("cpu")` in the optimizer's step. accelerate makes neither on CPU (it then trains in float32
+    although `fp16=True`); set after the `Trainer`'s `__init__`, both take effect when `train()` prepares the model
+    and optimizer. A no-op unless the mixed precision is fp16 on CPU without a scaler.
+    """
+    if accelerator.mixed_precision != "fp16" or accelerator.device.type != "cpu" or accelerator.scaler is not None:
+        return
+    handler = getattr(accelerator, "scaler_handler", None)
+    kwargs = handler.to_kwargs() if handler is not None else {}
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", **kwargs)

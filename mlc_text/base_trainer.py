@@ -20,8 +20,9 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .autodiff import LossScale, _found_inf, _reduce_dict, trainable_parameters
+from .autodiff import LossScale, _found_inf, _reduce_dict, install_cpu_grad_scaler, trainable_parameters
 from .clean_batches import CleanBatchIterator, MetaBatch
+from .clean_stage import train_on_clean_rows
 from .config import MLCTrainingArguments
 from .virtual_step import ParamDict, check_optimizer
 
@@ -56,21 +57,6 @@ def check_parallelism(args) -> None:
             f"MLC does not support DeepSpeed (deepspeed={args.deepspeed!r}) yet: its sharded or fused optimizers hide "
             "the state the virtual step reads. Supported: one process, or DDP (`accelerate launch --multi_gpu`)."
         )
-
-
-def install_cpu_grad_scaler(accelerator) -> None:
-    """
-    Gives `accelerator` fp16 on CPU as it has it on a GPU: autocast to float16 around the model's forward and a
-    `torch.amp.GradScaler("cpu")` in the optimizer's step. accelerate makes neither on CPU (it then trains in float32
-    although `fp16=True`); set after the `Trainer`'s `__init__`, both take effect when `train()` prepares the model
-    and optimizer. A no-op unless the mixed precision is fp16 on CPU without a scaler.
-    """
-    if accelerator.mixed_precision != "fp16" or accelerator.device.type != "cpu" or accelerator.scaler is not None:
-        return
-    handler = getattr(accelerator, "scaler_handler", None)
-    kwargs = handler.to_kwargs() if handler is not None else {}
-    accelerator.native_amp = True
-    accelerator.scaler = torch.amp.GradScaler("cpu", **kwargs)
 
 
 @dataclass
@@ -109,10 +95,20 @@ class CleanDataTrainer(Trainer):
         args: [`MLCTrainingArguments`].
         train_dataset: the noisy rows, tokenized (`label` = noisy label; optional `true_label`, never trained on).
         clean_dataset: the trusted rows, tokenized (`label` = true label).
+        trusted_dataset: every trusted row, for the clean stage of `args.finish_on_clean`; `None`: `clean_dataset`
+            (a subclass that keeps some trusted rows out of the clean batches passes them all here).
         **kwargs: everything else `transformers.Trainer` takes.
     """
 
-    def __init__(self, model: nn.Module, args: MLCTrainingArguments, train_dataset=None, clean_dataset=None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MLCTrainingArguments,
+        train_dataset=None,
+        clean_dataset=None,
+        trusted_dataset=None,
+        **kwargs,
+    ):
         if not isinstance(args, MLCTrainingArguments):
             raise TypeError(f"args must be MLCTrainingArguments, got {type(args).__name__}")
         check_parallelism(args)
@@ -128,6 +124,7 @@ class CleanDataTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         install_cpu_grad_scaler(self.accelerator)
         self._warn_missing_classes(clean_dataset, model.config.num_labels)
+        self.trusted_dataset = clean_dataset if trusted_dataset is None else trusted_dataset
         clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
         self.clean_batches = CleanBatchIterator(
             clean_dataset, self.data_collator, args.clean_batch_size, args.seed, args.process_index, args.world_size
@@ -154,6 +151,13 @@ class CleanDataTrainer(Trainer):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         check_optimizer(optimizer)
         return optimizer
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then, with `finish_on_clean`, the clean stage on every trusted row (clean_stage.py)."""
+        output = super().train(*args, **kwargs)
+        if self.args.finish_on_clean:
+            output.metrics.update(train_on_clean_rows(self, self.trusted_dataset))
+        return output
 
     # ------------------------------------------------------------------------------------------- the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

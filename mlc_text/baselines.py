@@ -29,8 +29,9 @@ from torch import nn
 from transformers import Trainer
 
 from .autodiff import LossScale, loss_and_grads
-from .base_trainer import CleanDataTrainer, MainStep, install_cpu_grad_scaler
+from .base_trainer import CleanDataTrainer, MainStep
 from .clean_batches import MetaBatch
+from .clean_stage import FinetuneTrainer, clean_stage_arguments
 from .l2rw import l2rw_weights
 from .main_loss import MainLossWeights
 from .methods import MethodContext, check_clean_batch_finetune, get_method, model_columns
@@ -53,17 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class FinetuneTrainer(Trainer):
-    """Plain fine-tuning; the loss is a plain mean, so gradient accumulation and several processes scale it right."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # BERT-style classifiers accept **kwargs, which makes the Trainer believe the loss is already scaled for
-        # gradient accumulation (and multiply it by the world size).
-        self.model_accepts_loss_kwargs = False
-        install_cpu_grad_scaler(self.accelerator)  # fp16 on CPU as on a GPU (accelerate gives it neither there)
 
 
 @torch.no_grad()
@@ -301,9 +291,8 @@ def build_finetune_then_clean_trainer(context: MethodContext) -> FinetuneTrainer
     stage_one.train()
     model = stage_one.model
     del stage_one
-    epochs = context.args.clean_stage_epochs
-    stage_two_args = context.with_args(num_train_epochs=epochs, max_steps=-1)
-    logger.info(f"finetune_then_clean stage 2: {epochs:g} epochs on the clean rows")
+    stage_two_args = clean_stage_arguments(context.args)
+    logger.info(f"finetune_then_clean stage 2: {stage_two_args.num_train_epochs:g} epochs on the clean rows")
     return FinetuneTrainer(model=model, args=stage_two_args, train_dataset=context.clean, **context.trainer_kwargs)
 
 

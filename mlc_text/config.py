@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from .corpora import CORPORA, _check_file, get_corpus_info
 from .meta_grad import META_GRADIENT_CHOICES
 from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
-from .methods import METHODS, get_method
+from .methods import METHODS, REGISTRY, get_method
 from .noise import NOISE_TYPES, build_transition_matrix, load_matrix
 
 __all__ = [
@@ -40,8 +40,13 @@ class MLCTrainingArguments(TrainingArguments):
             Which method the recipes run: a name of the registry of [`~mlc_text.methods`] (`METHODS`: `mlc` and the
             baselines of baselines.py).
         clean_stage_epochs (`float`, *optional*, defaults to `10.0`):
-            With `finetune_then_clean`: epochs over the clean rows in its second stage (a fresh optimizer and
-            schedule at `learning_rate`), after the first stage's budget on the noisy and clean rows.
+            Epochs over the clean rows in the clean stage (a fresh optimizer and schedule at `learning_rate`) of
+            `finetune_then_clean`, or of `finish_on_clean`, after the stage on the noisy rows.
+        finish_on_clean (`bool`, *optional*, defaults to `False`):
+            After training (MLC, `l2rw`, `finetune_clean_batch`), fine-tune on all the trusted rows alone for
+            `clean_stage_epochs` epochs: continuous fine-tuning (Zhu et al., ACL 2023) on top of the method
+            (clean_stage.py). With `meta_split="rows"` the stage also trains on the rows held out for the meta
+            objective.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
         meta_learning_rate (`float`, *optional*, defaults to `3e-4`):
@@ -121,6 +126,10 @@ class MLCTrainingArguments(TrainingArguments):
     clean_stage_epochs: float = field(
         default=10.0, metadata={"help": "finetune_then_clean: epochs over the clean rows in the second stage."}
     )
+    finish_on_clean: bool = field(
+        default=False,
+        metadata={"help": "After training, fine-tune on the trusted rows alone for clean_stage_epochs epochs."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
     )
@@ -187,7 +196,13 @@ class MLCTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        get_method(self.method)  # an unknown name is refused with the registry's names
+        method = get_method(self.method)  # an unknown name is refused with the registry's names
+        if self.finish_on_clean and not method.accepts_clean_stage:
+            accepted = ", ".join(name for name, entry in REGISTRY.items() if entry.accepts_clean_stage)
+            raise ValueError(
+                f"finish_on_clean=True is accepted with method {accepted}, got method {self.method!r}"
+                + (" (which ends on the clean rows already)" if self.method == "finetune_then_clean" else "")
+            )
         if self.meta_gradient not in META_GRADIENT_CHOICES:
             raise ValueError(
                 f"meta_gradient must be one of {', '.join(META_GRADIENT_CHOICES)}, got {self.meta_gradient!r}"

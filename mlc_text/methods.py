@@ -62,6 +62,7 @@ class Method:
         tags (`tuple[str, ...]`): its trainer's `_tag_names`.
         stage_dir (`str`, *optional*): the folder under `output_dir` of a first training stage, kept out of a push.
         check (`Callable`, *optional*): refuses settings the method cannot use, before any work (`args -> None`).
+        accepts_clean_stage (`bool`, defaults to `False`): its trainer runs the clean stage of `finish_on_clean`.
     """
 
     name: str
@@ -72,6 +73,7 @@ class Method:
     tags: tuple[str, ...] = ()
     stage_dir: str | None = None
     check: Callable[[Any], None] | None = None
+    accepts_clean_stage: bool = False
 
     def builder(self) -> Callable[[MethodContext], Any]:
         """The builder function that `build` names."""
@@ -90,6 +92,7 @@ REGISTRY: dict[str, Method] = {
             "corrector is trained by the meta-gradient of the loss on a small clean (trusted) set after a virtual step.",
             corrects_labels=True,
             tags=("mlc-text", "meta-label-correction", "noisy-labels"),
+            accepts_clean_stage=True,
         ),
         Method(
             "finetune",
@@ -123,6 +126,7 @@ REGISTRY: dict[str, Method] = {
             "Learning to Reweight (Ren et al., 2018): each noisy row is weighted by the meta-gradient of the clean "
             "loss.",
             tags=("mlc-text", "learning-to-reweight", "noisy-labels"),
+            accepts_clean_stage=True,
         ),
         Method(
             "finetune_clean_batch",
@@ -131,6 +135,7 @@ REGISTRY: dict[str, Method] = {
             "as MLC weights it: MLC without its label corrector.",
             tags=("mlc-text", "noisy-labels"),
             check=check_clean_batch_finetune,
+            accepts_clean_stage=True,
         ),
         Method(
             "oracle",

@@ -91,10 +91,17 @@ class MLCTrainer(CleanDataTrainer):
         **kwargs,
     ):
         self.head = self.head_module(model)  # before any work: a model without a known head fails here
-        meta_rows = None
+        meta_rows, trusted_rows = None, clean_dataset
         if isinstance(args, MLCTrainingArguments) and args.meta_split == "rows" and clean_dataset is not None:
             meta_rows, clean_dataset = split_meta_rows(clean_dataset, model.config.num_labels, args)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, clean_dataset=clean_dataset, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            clean_dataset=clean_dataset,
+            trusted_dataset=trusted_rows,
+            **kwargs,
+        )
         self.meta_batches = None if meta_rows is None else self._clean_stream(meta_rows, "meta", seed_offset=1)
         self.warm_started = False
         # "auto": fd in float32, jvp under fp16 / bf16 autocast (the arguments', or accelerate's --mixed_precision)
