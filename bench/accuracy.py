@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.rows import KEY_FIELDS, RUN_FILE, row_value, run_folder_name  # noqa: E402
-from mlc_text.config import MLCTrainingArguments  # noqa: E402
+from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.meta_grad import resolve_meta_gradient  # noqa: E402
 from mlc_text.methods import METHODS  # noqa: E402
@@ -199,6 +199,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_gradient"] = resolve_meta_gradient(
                     args.mlc_settings.get("meta_gradient", MLCTrainingArguments.meta_gradient), args.precision
                 )
+                run["finish_on_clean"] = bool(args.mlc_settings.get("finish_on_clean", MLC_FINISHES_ON_CLEAN))
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

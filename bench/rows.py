@@ -40,6 +40,9 @@ KEY_FIELDS = (
     # An MLC run's meta-gradient path as it ran ("auto" resolved): a row of the defaults after they became "auto" (fd
     # in fp32) is not one of the jvp defaults before. See `legacy_meta_gradient` for rows without the field.
     "meta_gradient",
+    # Whether an MLC run ended with the clean stage (its settings, else the package default of its day); rows written
+    # before the field existed ran it only when their --mlc_settings asked (`legacy_finish_on_clean`).
+    "finish_on_clean",
 )
 
 
@@ -54,6 +57,13 @@ def legacy_meta_gradient(row: dict) -> str | None:
     return "jvp"  # the default from the first row that has mlc_defaults until the defaults became "auto"
 
 
+def legacy_finish_on_clean(row: dict) -> bool | None:
+    """Whether an MLC row written before `finish_on_clean` was recorded ended on the clean rows: only if asked."""
+    if row.get("method") != "mlc":
+        return None
+    return "finish_on_clean=true" in (row.get("mlc_settings") or "")
+
+
 # Fields that rows written before they were recorded lack, with the value those rows used (a function of the row
 # where it depends on the row).
 LEGACY_DEFAULTS = {
@@ -62,6 +72,7 @@ LEGACY_DEFAULTS = {
     "mlc_defaults": False,
     "precision": "fp32",
     "meta_gradient": legacy_meta_gradient,
+    "finish_on_clean": legacy_finish_on_clean,
 }
 
 

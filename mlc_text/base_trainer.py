@@ -100,6 +100,9 @@ class CleanDataTrainer(Trainer):
         **kwargs: everything else `transformers.Trainer` takes.
     """
 
+    # `finish_on_clean=None` means this: off for the baselines, which follow their papers; MLC turns it on.
+    finish_on_clean_by_default = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -125,10 +128,7 @@ class CleanDataTrainer(Trainer):
         install_cpu_grad_scaler(self.accelerator)
         self._warn_missing_classes(clean_dataset, model.config.num_labels)
         self.trusted_dataset = clean_dataset if trusted_dataset is None else trusted_dataset
-        clean_dataset = self._remove_unused_columns(clean_dataset, description="clean")
-        self.clean_batches = CleanBatchIterator(
-            clean_dataset, self.data_collator, args.clean_batch_size, args.seed, args.process_index, args.world_size
-        )
+        self.clean_batches = self._clean_stream(clean_dataset, "clean", seed_offset=0)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list)}
 
     def _warn_missing_classes(self, clean_dataset, num_labels: int) -> None:
@@ -152,10 +152,17 @@ class CleanDataTrainer(Trainer):
         check_optimizer(optimizer)
         return optimizer
 
+    @property
+    def finishes_on_clean(self) -> bool:
+        """Whether `train` ends with the clean stage: `args.finish_on_clean`, or the trainer's default when `None`."""
+        if self.args.finish_on_clean is None:
+            return self.finish_on_clean_by_default
+        return self.args.finish_on_clean
+
     def train(self, *args, **kwargs):
         """`Trainer.train`, then, with `finish_on_clean`, the clean stage on every trusted row (clean_stage.py)."""
         output = super().train(*args, **kwargs)
-        if self.args.finish_on_clean:
+        if self.finishes_on_clean:
             output.metrics.update(train_on_clean_rows(self, self.trusted_dataset))
         return output
 
@@ -219,8 +226,16 @@ class CleanDataTrainer(Trainer):
         """A further stream of trusted rows (`description` names them in logs), seeded apart by `seed_offset`."""
         dataset = self._remove_unused_columns(dataset, description=description)
         batch_size = min(self.args.clean_batch_size, len(dataset) // self.args.world_size)
+        if batch_size < 1:
+            raise ValueError(
+                f"{len(dataset)} {description} rows cannot give each of the {self.args.world_size} processes a batch: "
+                f"use at least {self.args.world_size} {description} rows or fewer processes"
+            )
         if batch_size < self.args.clean_batch_size:
-            logger.info(f"{description} batches of {batch_size} rows: the {len(dataset)} {description} rows are fewer")
+            logger.warning(
+                f"{description} batches of {batch_size} rows instead of clean_batch_size={self.args.clean_batch_size}: "
+                f"there are {len(dataset)} {description} rows for {self.args.world_size} process(es)"
+            )
         return CleanBatchIterator(
             dataset,
             self.data_collator,

@@ -15,6 +15,7 @@ from .methods import METHODS, REGISTRY, get_method
 from .noise import NOISE_TYPES, build_transition_matrix, load_matrix
 
 __all__ = [
+    "MLC_FINISHES_ON_CLEAN",
     "MLCTrainingArguments",
     "ModelArguments",
     "DataArguments",
@@ -27,6 +28,10 @@ __all__ = [
 META_SPLITS = ("none", "batch", "rows")
 VALIDATION_SOURCES = ("heldout", "clean", "none")
 MIN_MAX_LENGTH = 8
+
+
+# MLC's default for `finish_on_clean`: its noisy-row stage ends with the clean stage (docs/RESULTS.md).
+MLC_FINISHES_ON_CLEAN = True
 
 
 @dataclass
@@ -42,10 +47,11 @@ class MLCTrainingArguments(TrainingArguments):
         clean_stage_epochs (`float`, *optional*, defaults to `10.0`):
             Epochs over the clean rows in the clean stage (a fresh optimizer and schedule at `learning_rate`) of
             `finetune_then_clean`, or of `finish_on_clean`, after the stage on the noisy rows.
-        finish_on_clean (`bool`, *optional*, defaults to `False`):
-            After training (MLC, `l2rw`, `finetune_clean_batch`), fine-tune on all the trusted rows alone for
-            `clean_stage_epochs` epochs: continuous fine-tuning (Zhu et al., ACL 2023) on top of the method
-            (clean_stage.py). With `meta_split="rows"` the stage also trains on the rows held out for the meta
+        finish_on_clean (`bool` or `None`, *optional*, defaults to `None`):
+            After training, fine-tune on all the trusted rows alone for `clean_stage_epochs` epochs: continuous
+            fine-tuning (Zhu et al., ACL 2023) on top of the method (clean_stage.py). `None`: the trainer's default,
+            on for MLC ([`MLC_FINISHES_ON_CLEAN`]), off for `l2rw` and `finetune_clean_batch`, which follow their
+            papers unless asked. With `meta_split="rows"` the stage also trains on the rows held out for the meta
             objective.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
@@ -126,9 +132,12 @@ class MLCTrainingArguments(TrainingArguments):
     clean_stage_epochs: float = field(
         default=10.0, metadata={"help": "finetune_then_clean: epochs over the clean rows in the second stage."}
     )
-    finish_on_clean: bool = field(
-        default=False,
-        metadata={"help": "After training, fine-tune on the trusted rows alone for clean_stage_epochs epochs."},
+    finish_on_clean: bool | None = field(
+        default=None,
+        metadata={
+            "help": "After training, fine-tune on the trusted rows alone for clean_stage_epochs epochs "
+            "(None: on for mlc, off for l2rw and finetune_clean_batch)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}

@@ -19,7 +19,7 @@ from torch import nn
 from .autodiff import LossScale
 from .base_trainer import MLC_STATE_NAME, CleanDataTrainer, MainStep, check_parallelism
 from .clean_batches import MetaBatch
-from .config import MLCTrainingArguments
+from .config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments
 from .corrector_signals import signal_warnings, stayed_flat_warning, step_signals
 from .lookahead import LookaheadBuffer
 from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient, unit_norm
@@ -80,6 +80,7 @@ class MLCTrainer(CleanDataTrainer):
     """
 
     _tag_names = list(get_method("mlc").tags)
+    finish_on_clean_by_default = MLC_FINISHES_ON_CLEAN
 
     def __init__(
         self,

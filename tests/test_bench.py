@@ -75,15 +75,28 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     assert (
         report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc@3e-05[gradient_steps=3,skip_connection=true]"
     )
-    assert report.method_label({"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True}) == "mlc"
-    assert report.method_label({"method": "mlc", "meta_learning_rate": 1e-3, "mlc_defaults": False}) == "mlc@0.001"
+    today = {"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True, "finish_on_clean": True}
+    assert report.method_label(today) == "mlc"
+    # a row of the defaults before the clean stage (no field: it did not run one) is that variant now
+    earlier = {key: value for key, value in today.items() if key != "finish_on_clean"}
+    assert report.method_label(earlier) == "mlc@0.0003[finish_on_clean=false]"
+    assert report.method_label({**today, "mlc_defaults": False, "meta_learning_rate": 1e-3}) == "mlc@0.001"
+    assert (
+        report.method_label({**earlier, "mlc_defaults": False, "mlc_settings": "clean_batch_size=16"})
+        == "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"
+    )
+    asked = {**earlier, "mlc_defaults": False, "mlc_settings": "finish_on_clean=true"}  # asked for before the default
+    assert report.method_label(asked) == "mlc@0.0003[finish_on_clean=true]"
     assert mlc["mlc_defaults"] is False and accuracy.uses_mlc_defaults(mlc) is False
     # a run on today's defaults does not share its key with an older row at the same meta learning rate
     rate = accuracy.MLCTrainingArguments.meta_learning_rate
     (default,) = accuracy.grid(accuracy.parse_args([*argv[:-1], str(rate), "--methods", "mlc"]))
-    assert default["mlc_defaults"] is True
+    assert default["mlc_defaults"] is True and default["finish_on_clean"] is True
     legacy = {key: value for key, value in default.items() if key != "mlc_defaults"}
     assert accuracy.run_key(legacy) != accuracy.run_key(default)
+    # nor with a row of the defaults from before the clean stage
+    earlier = {key: value for key, value in default.items() if key != "finish_on_clean"}
+    assert accuracy.run_key(earlier) != accuracy.run_key(default)
 
 
 def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
@@ -187,6 +200,7 @@ def test_report_means_and_gap_share(tmp_path):
                     "num_clean_per_class": 100, "epochs": 1.0, "max_train_samples": 2000, "method": method,
                     "seed": seed, "test_accuracy": accuracy, "test_macro_f1": accuracy, "wall_s": 10.0,
                     "correction_accuracy": 0.8 if method == "mlc" else None,
+                    **({"mlc_defaults": True, "finish_on_clean": True} if method == "mlc" else {}),
                 }
             )  # fmt: skip
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -226,28 +240,31 @@ def test_report_means_and_gap_share(tmp_path):
         report.main([*argv, "--memorisation", str(tmp_path / "missing.jsonl")])
 
 
-def test_report_picks_the_mlc_variant_on_validation_not_test(tmp_path):
+def test_report_puts_mlc_variants_in_the_ablation_table_against_the_defaults_at_the_same_seeds():
     report = load("report")
     base = {
         "corpus": "ag_news", "model": "m", "noise_type": "flip", "noise_rate": 0.4, "num_clean_per_class": 20,
-        "epochs": 1.0, "max_train_samples": 4000, "seed": 0, "wall_s": 1.0,
+        "epochs": 1.0, "max_train_samples": 4000, "wall_s": 1.0,
     }  # fmt: skip
-    runs = [  # (method, meta lr, test, validation): the best test accuracy has the worse validation accuracy
-        ("clean_only", None, 0.80, 0.50), ("oracle", None, 0.90, 0.60), ("finetune", None, 0.75, 0.52),
-        ("mlc", 3e-5, 0.86, 0.51), ("mlc", 3e-4, 0.84, 0.55),
+    runs = [  # (method, seed, meta lr, settings, precision, test accuracy)
+        ("clean_only", 0, None, None, "fp32", 0.80), ("oracle", 0, None, None, "fp32", 0.90),
+        ("mlc", 0, 3e-4, None, "fp32", 0.84), ("mlc", 1, 3e-4, None, "fp32", 0.86),
+        ("mlc", 0, 3e-4, "finish_on_clean=true", "fp32", 0.87),  # +3 against the defaults at seed 0 alone
+        ("mlc", 0, 3e-4, "meta_split=\"rows\"", "bf16", 0.82),  # no bf16 defaults: no difference
     ]  # fmt: skip
     rows = [
-        {**base, "method": method, "meta_learning_rate": rate, "test_accuracy": test, "test_macro_f1": test,
-         "eval_accuracy": validation, "mlc_defaults": rate == 3e-5}
-        for method, rate, test, validation in runs
+        {**base, "method": method, "seed": seed, "meta_learning_rate": rate, "mlc_settings": settings,
+         "precision": precision, "test_accuracy": test, "test_macro_f1": test,
+         "mlc_defaults": method == "mlc" and settings is None, "finish_on_clean": settings != 'meta_split="rows"'}
+        for method, seed, rate, settings, precision, test in runs
     ]  # fmt: skip
     cells = report.summarise(rows)
-    (methods,) = cells.values()
-    assert report.chosen_on_validation(methods) == "mlc@0.0003"
-    text = "\n".join(report.selection_table(cells))
-    assert "| mlc@0.0003 | 0 | 84.0 | 75.0 | 80.0 | clean_only 80.0 | +0.40 |" in text
-    assert "the MLC variant chosen on validation: +0.40 over 1 cell(s)" in text
-    assert "mlc at the package defaults: +0.60 over 1 cell(s)" in text
+    (cell,) = cells
+    assert "mlc@0.0003[finish_on_clean=true]" not in report.table(cell, cells[cell])
+    assert "| mlc | 0,1 | 85.0 ± 1.4 |" in report.table(cell, cells[cell])
+    text = "\n".join(report.ablation_table(cells))
+    assert "| mlc@0.0003[finish_on_clean=true] | 87.0 (1) +3.0 |" in text
+    assert '| mlc@0.0003[finish_on_clean=false,meta_split="rows"] (bf16) | 82.0 (1) |' in text
 
 
 def test_noise_partner_is_the_one_class_a_true_class_is_flipped_to():
@@ -361,6 +378,7 @@ def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 
                 row["meta_learning_rate"] = 3e-4
                 row["mlc_defaults"] = not settings
                 row["meta_gradient"] = "fd"  # what the defaults' "auto" runs in fp32
+                row["finish_on_clean"] = True
                 if settings:
                     row["mlc_settings"] = settings.rstrip("]")
             rows.append(row)

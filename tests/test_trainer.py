@@ -55,6 +55,8 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         # the corrector on its own (the package defaults add a per-example skip weight starting near the given label)
         "skip_connection": "none",
         "skip_init": 0.0,
+        # the method's own steps (MLC's default ends with a clean stage: tests/test_clean_stage.py)
+        "finish_on_clean": False,
         "max_steps": 6,
         "report_to": "none",
         "use_cpu": True,
