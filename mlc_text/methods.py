@@ -89,7 +89,9 @@ REGISTRY: dict[str, Method] = {
             ".trainer:build_mlc_trainer",
             "Meta Label Correction (Zheng et al., AAAI 2021): a label corrector network maps each noisy row's features "
             "and given label to a corrected soft label; the classifier trains on the corrected labels, and the "
-            "corrector is trained by the meta-gradient of the loss on a small clean (trusted) set after a virtual step.",
+            "corrector is trained by the meta-gradient of the loss on a small clean (trusted) set after a virtual step. "
+            "Unless `finish_on_clean=False`, training ends with a clean stage: fine-tuning on the trusted rows alone "
+            "(continuous fine-tuning, Zhu et al., ACL 2023).",
             corrects_labels=True,
             tags=("mlc-text", "meta-label-correction", "noisy-labels"),
             accepts_clean_stage=True,

@@ -6,8 +6,8 @@ launches it on two CPU processes and calls [`train_and_save`] in-process for the
         --dynamo_backend no --main_process_port 29517 tests/distributed_run.py --output_dir /tmp/out \
         --per_device_train_batch_size 4 --clean_batch_size 2
 
-Each process writes `{run}_rank{r}.pt` (runs: `mlc`, `l2rw`, `finetune_clean_batch`, and `mlc_accum2` with
-gradient_accumulation_steps=2) with the state dicts of the main net (and of the corrector for MLC), the noisy and
+Each process writes `{run}_rank{r}.pt` (runs: `mlc`, `l2rw`, `finetune_clean_batch`, `mlc_accum2` with
+gradient_accumulation_steps=2, and `mlc_then_clean`, MLC followed by one epoch of the clean stage) with the state dicts of the main net (and of the corrector for MLC), the noisy and
 clean `input_ids` it trained on, micro-batch by micro-batch, what it all-reduced by hand, and how the run was
 distributed.
 """
@@ -37,7 +37,10 @@ RUNS = {
     "l2rw": ("l2rw", 1),
     "finetune_clean_batch": ("finetune_clean_batch", 1),
     "mlc_accum2": ("mlc", 2),
+    "mlc_then_clean": ("mlc", 1),
 }
+# Runs that end with the clean stage (`finish_on_clean`, one epoch): plain fine-tuning under DDP after MLC's steps.
+CLEAN_STAGE_RUNS = ("mlc_then_clean",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -128,6 +131,8 @@ def train_and_save(
         data_seed=0,
         learning_rate=1e-2,
         meta_learning_rate=1e-2,
+        finish_on_clean=run in CLEAN_STAGE_RUNS,
+        clean_stage_epochs=1,
         **extra,
     )
     trainer.train()

@@ -1,7 +1,8 @@
 """
 Two CPU processes (gloo DDP through `accelerate launch --multi_gpu`) against one process with the union of their
-batches: MLC, L2RW and MLC with gradient accumulation must end with the same main net and corrector on both ranks,
-equal (to float64 rounding) to the single-process run. Both runs are float64 with dropout 0, so the only differences are summation orders.
+batches: MLC, L2RW, MLC with gradient accumulation and MLC followed by the clean stage must end with the same main net
+and corrector on both ranks, equal (to float64 rounding) to the single-process run. Both runs are float64 with dropout
+0, so the only differences are summation orders.
 """
 
 from __future__ import annotations
