@@ -52,7 +52,7 @@ class MLCTrainingArguments(TrainingArguments):
             fine-tuning (Zhu et al., ACL 2023) on top of the method (clean_stage.py). `None`: the trainer's default,
             on for MLC ([`MLC_FINISHES_ON_CLEAN`]), off for `l2rw` and `finetune_clean_batch`, which follow their
             papers unless asked. With `meta_split="rows"` the stage also trains on the rows held out for the meta
-            objective.
+            objective; with `load_best_model_at_end` it starts from the best checkpoint of the method's own steps.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let the recipes write into an `output_dir` that holds a previous run (else they refuse before training).
         meta_learning_rate (`float`, *optional*, defaults to `3e-4`):

@@ -508,3 +508,13 @@ def test_the_steps_train_on_labels_blended_with_the_given_ones(tmp_path):
     trainer = make_trainer(tmp_path, trainer_class=TrustRecordingTrainer, trust_given_labels_for=0.5, max_steps=4)
     trainer.train()
     assert trainer.trusts == pytest.approx([0.9, 0.45, 0.0, 0.0], abs=1e-3)
+
+
+def test_a_clean_set_smaller_than_the_clean_batch_gives_smaller_batches_and_a_warning(tmp_path, caplog):
+    noisy, clean = datasets(num_noisy=48, num_clean=6)
+    with caplog.at_level("WARNING", logger="mlc_text.base_trainer"):
+        trainer = make_trainer(tmp_path, noisy=noisy, clean=clean, clean_batch_size=8, max_steps=2)
+    assert trainer.clean_batches.batch_size == 6
+    assert "clean batches of 6 rows instead of clean_batch_size=8: there are 6 clean rows" in caplog.text
+    trainer.train()
+    assert trainer.state.global_step == 2
