@@ -199,7 +199,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_gradient"] = resolve_meta_gradient(
                     args.mlc_settings.get("meta_gradient", MLCTrainingArguments.meta_gradient), args.precision
                 )
-                run["finish_on_clean"] = bool(args.mlc_settings.get("finish_on_clean", MLC_FINISHES_ON_CLEAN))
+                stage = args.mlc_settings.get("finish_on_clean")
+                run["finish_on_clean"] = MLC_FINISHES_ON_CLEAN if stage is None else bool(stage)
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

@@ -80,38 +80,45 @@ def fmt(mean: float, std: float | None, scale: float = 100.0) -> str:
     return f"{mean * scale:.1f}" + (f" ± {std * scale:.1f}" if std is not None else "")
 
 
-def method_label(row: dict) -> str:
+def mlc_variant(row: dict) -> tuple[float | None, str] | None:
     """
-    `mlc` for the runs with the package's defaults (the row's `mlc_defaults`, and today's clean stage); every other MLC
-    run is named by its meta learning rate and `--mlc_settings`, e.g. `mlc@0.001` or
-    `mlc@0.0003[skip_connection="per_example"]`, plus `finish_on_clean=false` where it ran without the clean stage
-    that is MLC's default now (the defaults of an earlier day among them). A run in another precision than fp32 carries
-    it: `clean_only (bf16)`.
+    An MLC row's meta learning rate and settings as `--mlc_settings` would reproduce them (`KEY=VALUE` joined by
+    commas), with `finish_on_clean=false` added where a row that records `mlc_defaults` ran without the clean stage
+    that is MLC's default now (the defaults of an earlier day among them); `None` for a row of today's defaults.
     """
-    precision = row_value(row, "precision")
-    suffix = "" if precision == LEGACY_DEFAULTS["precision"] else f" ({precision})"
-    if row["method"] != "mlc":
-        return row["method"] + suffix
     settings = row.get("mlc_settings") or ""
     stage = row_value(row, "finish_on_clean")
     if row.get("mlc_defaults") and stage == MLC_FINISHES_ON_CLEAN:
-        return row["method"] + suffix
-    if stage != MLC_FINISHES_ON_CLEAN and "finish_on_clean=" not in settings:
-        # the defaults of an earlier day, or settings run before the clean stage was MLC's default
+        return None
+    # Rows from before `mlc_defaults` was recorded keep the label they always had (their other defaults differed too).
+    if stage != MLC_FINISHES_ON_CLEAN and "finish_on_clean=" not in settings and "mlc_defaults" in row:
         settings = ",".join(sorted(filter(None, [*settings.split(","), f"finish_on_clean={json.dumps(stage)}"])))
-    label = "mlc"
-    if row.get("meta_learning_rate") is not None:
-        label += f"@{row['meta_learning_rate']:g}"
-    if settings:
-        label += f"[{settings}]"
-    return label + suffix
+    return row.get("meta_learning_rate"), settings
+
+
+def method_label(row: dict) -> str:
+    """
+    `mlc` for the runs with today's package defaults (the row's `mlc_defaults`, and the clean stage); every other MLC
+    run is named by its meta learning rate and settings ([`mlc_variant`]), e.g. `mlc@0.001` or
+    `mlc@0.0003[clean_batch_size=16,finish_on_clean=false]`. A run in another precision than fp32 carries it:
+    `clean_only (bf16)`.
+    """
+    precision = row_value(row, "precision")
+    suffix = "" if precision == LEGACY_DEFAULTS["precision"] else f" ({precision})"
+    variant = mlc_variant(row) if row["method"] == "mlc" else None
+    if variant is None:
+        return row["method"] + suffix
+    rate, settings = variant
+    return "mlc" + ("" if rate is None else f"@{rate:g}") + (f"[{settings}]" if settings else "") + suffix
 
 
 def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     """cell -> method label -> its rows, cells in a stable order (the rows' order within a method is kept)."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)].append(row)
+        runs = groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)]
+        # rows of two keys can share a label (an old defaults row and its rerun as a variant): the newest row of a seed
+        runs[:] = [run for run in runs if run["seed"] != row["seed"]] + [row]
     return dict(sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])))
 
 
@@ -226,14 +233,13 @@ def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) 
             commands.append(f"{head} --methods {' '.join(at[name]['example']['method'] for name in baselines)}")
         names = sorted(name for name in at if name.startswith("mlc"))
         for name in names if variants else names[:1]:
-            run = at[name]["example"]
+            variant = mlc_variant(at[name]["example"])
             command = f"{head} --methods mlc"
-            if not run.get("mlc_defaults") and run.get("meta_learning_rate") is not None:
-                command += f" --meta_learning_rates {run['meta_learning_rate']:g}"
-                if run.get("mlc_settings"):
-                    command += " --mlc_settings " + " ".join(
-                        item.replace('"', "") for item in run["mlc_settings"].split(",")
-                    )
+            if variant is not None:
+                rate, settings = variant
+                command += "" if rate is None else f" --meta_learning_rates {rate:g}"
+                if settings:
+                    command += " --mlc_settings " + " ".join(item.replace('"', "") for item in settings.split(","))
             commands.append(command)
     return commands
 
@@ -334,7 +340,8 @@ def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
         best = best_baseline({name: stats for name, stats in methods.items() if name != "clean_only"})
         lines.append(
             f"| {short_cell(cell)} | {accuracy_of(methods, 'clean_only')} "
-            f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, defaults_label(methods))} "
+            f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, defaults_label(methods))}"
+            f"{' (bf16)' if defaults_label(methods) == 'mlc (bf16)' else ''} "
             f"| {accuracy_of(methods, 'oracle')} |"
         )
     return "\n".join(lines)

@@ -34,22 +34,33 @@ class FinetuneTrainer(Trainer):
         install_cpu_grad_scaler(self.accelerator)  # fp16 on CPU as on a GPU (accelerate gives it neither there)
 
 
+# Schedules that need an evaluation each epoch, which a stage inside another trainer does not run.
+_EVALUATED_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+
+
 def clean_stage_arguments(args, output_dir: str | None = None):
     """
     The arguments of a clean stage: `args.clean_stage_epochs` epochs (a fresh optimizer and schedule at
-    `learning_rate`), with no step budget of the stage before; with `output_dir`, one that only logs there (no
-    evaluation, checkpoint nor report: the stage before it owns those).
+    `learning_rate`), with no step budget of the stage before, and a warm-up of 10% of the stage where `args` gives
+    one in steps (the stage before's count would not fit a stage of a few dozen steps). With `output_dir`, a stage that
+    only logs there: no evaluation, checkpoint nor report (the stage before it owns those), and a linear schedule in
+    place of one that needs evaluations.
     """
     changes = {"num_train_epochs": args.clean_stage_epochs, "max_steps": -1}
+    if args.warmup_steps >= 1:
+        changes["warmup_steps"] = 0.1
     if output_dir is not None:
         changes.update(
             output_dir=output_dir,
             eval_strategy="no",
+            eval_on_start=False,
             save_strategy="no",
             load_best_model_at_end=False,
             report_to=[],
             push_to_hub=False,
         )
+        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) in _EVALUATED_SCHEDULES:
+            changes.update(lr_scheduler_type="linear", lr_scheduler_kwargs={})
     return dataclasses.replace(args, **changes)
 
 

@@ -130,7 +130,8 @@ class MLCTrainingArguments(TrainingArguments):
         metadata={"help": f"Training method, one of {', '.join(METHODS)}."},
     )
     clean_stage_epochs: float = field(
-        default=10.0, metadata={"help": "finetune_then_clean: epochs over the clean rows in the second stage."}
+        default=10.0,
+        metadata={"help": "Epochs over the clean rows in the clean stage (finetune_then_clean, finish_on_clean)."},
     )
     finish_on_clean: bool | None = field(
         default=None,

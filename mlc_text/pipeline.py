@@ -289,11 +289,17 @@ def compare(methods: Sequence[str], argv: Sequence[str] | None = None, defaults:
     root = training_args.output_dir
     if root in (None, "trainer_output"):
         root = os.path.join("outputs", f"{data_args.corpus or 'custom'}-compare")
+
+    def method_args(method: str) -> MLCTrainingArguments:
+        # --finish_on_clean True asks for the clean stage where a method has one (finetune_then_clean ends with it)
+        stage = training_args.finish_on_clean if REGISTRY[method].accepts_clean_stage else None
+        return _with(training_args, output_dir=os.path.join(root, method), method=method, finish_on_clean=stage)
+
     for method in methods:  # refuse before the first run, not after the third
-        check_output_dir(_with(training_args, output_dir=os.path.join(root, method), method=method))
+        check_output_dir(method_args(method))
     rows = []
     for method in methods:
-        args = _with(training_args, output_dir=os.path.join(root, method), method=method)
+        args = method_args(method)
         rows.append(result_row(run(model_args, data_args, noise_args, args)))
     if training_args.process_index == 0:
         Path(root, "comparison.json").write_text(json.dumps(rows, indent=2))

@@ -439,6 +439,28 @@ def test_cell_commands_reproduce_the_cell(data_dir):
     assert keys == {accuracy.run_key(row) for row in rows}
 
 
+def test_rows_from_before_the_clean_stage_default_are_reproduced_as_their_variant(data_dir):
+    accuracy, report = load("accuracy"), load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, "mlc[clean_batch_size=16]": 0.86})
+    for row in rows:
+        row["meta_learning_rate"] = row.get("meta_learning_rate")
+        if row["method"] == "mlc":
+            del row["finish_on_clean"]  # written before the field: no clean stage
+    ((cell, methods),) = report.summarise(rows).items()
+    assert {"mlc@0.0003[finish_on_clean=false]", "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"} <= set(
+        methods
+    )
+    labels = set()
+    for command in report.cell_commands(cell, methods):
+        argv = command.split()[2:] + ["--data_dir", data_dir]
+        labels |= {
+            report.method_label({**run, "test_accuracy": 0.0})
+            for run in accuracy.grid(accuracy.parse_args(argv))
+            if run["method"] == "mlc"
+        }
+    assert labels == {"mlc@0.0003[finish_on_clean=false]", "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"}
+
+
 def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, data_dir):
     accuracy = load("accuracy")
     argv = ["--data_dir", data_dir, "--methods", "mlc", "clean_only", "--clean_per_class", "20", "--seeds", "0"]

@@ -21,7 +21,7 @@ import torch
 from mlc_text.baselines import L2RWTrainer
 from mlc_text.trainer import MLCTrainer
 
-from .distributed_run import RUNS, build_nets, train_and_save
+from .distributed_run import CLEAN_STAGE_RUNS, RUNS, build_nets, train_and_save
 from .test_trainer import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +142,10 @@ def test_two_processes_match_one_process_with_their_union(launched, tmp_path, ru
             assert tensors == distinct
     assert reference["reduce_log"] == [(0, 0, 0)] * (STEPS * accumulation)
 
+    # The clean stage ran after MLC's steps: the same MLC run without it ends elsewhere.
+    if run in CLEAN_STAGE_RUNS:
+        without = load(launched / "mlc_rank0.pt")["model"]
+        assert any(not torch.equal(without[key], ranks[0]["model"][key]) for key in without)
     # And training moved both nets (a no-op run would match trivially).
     initial = dict(zip(("model", "corrector"), (net.state_dict() for net in build_nets(method) if net is not None)))
     for net in nets:

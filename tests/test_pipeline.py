@@ -271,3 +271,21 @@ def test_evaluation_defaults_leave_the_accuracy_benchmark_unchanged(data_dir, tm
         if getattr(recipe[3], field.name) != getattr(plain[3], field.name)
     }
     assert changed <= {"eval_steps"}  # unused with eval_strategy "no"
+
+
+def test_compare_asks_for_the_clean_stage_only_where_a_method_has_one(tmp_path, monkeypatch):
+    import mlc_text.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda model, data, noise, args: seen.setdefault(args.method, args))
+    monkeypatch.setattr(pipeline, "result_row", lambda results: {"method": results.method})
+    monkeypatch.setattr(pipeline, "plot_method_comparison", lambda rows, path: None)
+    monkeypatch.setattr(pipeline, "format_results_table", lambda rows, columns: "")
+    argv = ["--output_dir", str(tmp_path), "--finish_on_clean", "True", "--report_to", "none"]
+    compare(["mlc", "l2rw", "finetune", "finetune_then_clean"], argv)  # the baselines' arguments refuse it as asked
+    assert {method: args.finish_on_clean for method, args in seen.items()} == {
+        "mlc": True,
+        "l2rw": True,
+        "finetune": None,
+        "finetune_then_clean": None,
+    }
