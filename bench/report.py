@@ -232,7 +232,9 @@ def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) 
         if baselines:
             commands.append(f"{head} --methods {' '.join(at[name]['example']['method'] for name in baselines)}")
         names = sorted(name for name in at if name.startswith("mlc"))
-        for name in names if variants else names[:1]:
+        if not variants:  # the defaults' command; a variant's only in a cell without the defaults in any precision
+            names = [name for name in names if not is_variant(name)] or ([] if defaults_label(methods) else names[:1])
+        for name in names:
             variant = mlc_variant(at[name]["example"])
             command = f"{head} --methods mlc"
             if variant is not None:
@@ -378,7 +380,8 @@ def _defaults_of(name: str) -> str:
 def ablation_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     """
     MLC's ablation runs over the cells with headroom: per variant and cell, its mean test accuracy, its number of seeds
-    and its difference to the package defaults in the same precision at the same seeds (`-` without such rows).
+    and its difference to the package defaults at the same seeds, in the same precision where the cell has the
+    defaults in it, else in the other (bf16 matched float32 at the same seed).
     """
     scored = [(cell, methods) for cell, methods in cells.items() if has_headroom(methods)]
     scored = [(cell, methods) for cell, methods in scored if any(map(is_variant, methods))]
@@ -395,7 +398,8 @@ def ablation_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
             if name not in methods:
                 values.append("")
                 continue
-            stats, defaults = methods[name], methods.get(_defaults_of(name))
+            stats = methods[name]
+            defaults = methods.get(_defaults_of(name)) or methods.get(defaults_label(methods) or "")
             text = f"{100 * stats['test_accuracy'][0]:.1f} ({len(stats['seeds'])})"
             shared = sorted(set(stats["by_seed"]) & set(defaults["by_seed"])) if defaults else []
             if shared:
@@ -622,8 +626,8 @@ def render(
     parts += [
         "### MLC's ablations",
         "",
-        "Mean test accuracy (number of seeds) and, after it, the mean difference to `mlc` (the defaults) in the same "
-        "precision at the same seeds, in points.",
+        "Mean test accuracy (number of seeds) and, after it, the mean difference to the defaults (`mlc`) at the same "
+        "seeds, in points (in the same precision where there are such rows).",
         "",
         *ablation_table(headroom),
         "",
