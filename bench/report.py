@@ -277,9 +277,10 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         return ["No cell with headroom has a run of MLC at the package defaults yet."]
     gains, shares, to_best = [], [], []
     for _, methods in scored:
-        mlc = methods[defaults_label(methods)]["test_accuracy"][0]
+        defaults = methods[defaults_label(methods)]
+        mlc = defaults["test_accuracy"][0]
         gains.append(100 * (mlc - methods["clean_only"]["test_accuracy"][0]))
-        shares.append(methods[defaults_label(methods)]["gap_recovered"])
+        shares.append(defaults["gap_recovered"])
         best = best_baseline(methods)
         to_best.append(100 * (mlc - methods[best]["test_accuracy"][0]))
     collapse = []
@@ -340,10 +341,10 @@ def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
         if not has_headroom(methods):
             continue
         best = best_baseline({name: stats for name, stats in methods.items() if name != "clean_only"})
+        mlc = defaults_label(methods)
         lines.append(
             f"| {short_cell(cell)} | {accuracy_of(methods, 'clean_only')} "
-            f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, defaults_label(methods))}"
-            f"{' (bf16)' if defaults_label(methods) == 'mlc (bf16)' else ''} "
+            f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, mlc)}{' (bf16)' if mlc == 'mlc (bf16)' else ''} "
             f"| {accuracy_of(methods, 'oracle')} |"
         )
     return "\n".join(lines)
@@ -355,9 +356,10 @@ def accuracy_of(methods: dict[str, dict], name: str | None) -> str:
 
 def verdict(cell: tuple, methods: dict[str, dict]) -> str | None:
     """MLC at the defaults against plain fine-tuning per seed, and against the best other method, in points."""
-    if not defaults_label(methods) or "finetune" not in methods:
+    label = defaults_label(methods)
+    if not label or "finetune" not in methods:
         return None
-    mlc, finetune = methods[defaults_label(methods)], methods["finetune"]
+    mlc, finetune = methods[label], methods["finetune"]
     shared = sorted(set(mlc["by_seed"]) & set(finetune["by_seed"]))
     deltas = [100 * (mlc["by_seed"][seed] - finetune["by_seed"][seed]) for seed in shared]
     best = best_baseline(methods)
