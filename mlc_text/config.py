@@ -94,6 +94,12 @@ class MLCTrainingArguments(TrainingArguments):
             Before training, this many full-batch Adam steps (learning rate 1e-3) of the corrector on the trusted rows'
             features, each row shown with its true label and with a wrong one, the target being the true label
             ([`~meta_net.warm_start_corrector`]), so that it does not start from near-uniform labels. 0: off.
+        corrector_supervision_interval (`int`, *optional*, defaults to `0`):
+            Every this many steps, the same supervised training of the corrector on the trusted rows' current features
+            (`corrector_supervision_steps` Adam steps) beside its meta-gradient, as Enhanced MLC (Taraday and Baskin,
+            2023) adds a cross-entropy on the clean rows to the teacher's meta loss. 0: off.
+        corrector_supervision_steps (`int`, *optional*, defaults to `10`):
+            Adam steps of each such supervised update.
         meta_split_fraction (`float`, *optional*, defaults to `0.5`):
             With `meta_split="rows"`: the share of each class's trusted rows kept for the meta objective.
         clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -176,6 +182,13 @@ class MLCTrainingArguments(TrainingArguments):
     corrector_warm_start_steps: int = field(
         default=0, metadata={"help": "Steps of supervised warm start of the corrector on the trusted rows (0: off)."}
     )
+    corrector_supervision_interval: int = field(
+        default=0,
+        metadata={"help": "Every this many steps, supervised steps of the corrector on the trusted rows (0: off)."},
+    )
+    corrector_supervision_steps: int = field(
+        default=10, metadata={"help": "Adam steps of each supervised update of the corrector."}
+    )
     meta_split_fraction: float = field(
         default=0.5,
         metadata={"help": "With meta_split=rows: share of each class's trusted rows for the meta objective."},
@@ -249,9 +262,13 @@ class MLCTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0.0 <= self.trust_given_labels_for <= 1.0:
             raise ValueError(f"trust_given_labels_for must be in [0, 1], got {self.trust_given_labels_for}")
-        if not isinstance(self.corrector_warm_start_steps, int) or self.corrector_warm_start_steps < 0:
+        for name in ("corrector_warm_start_steps", "corrector_supervision_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.corrector_supervision_steps, int) or self.corrector_supervision_steps < 1:
             raise ValueError(
-                f"corrector_warm_start_steps must be an integer >= 0, got {self.corrector_warm_start_steps!r}"
+                f"corrector_supervision_steps must be an integer >= 1, got {self.corrector_supervision_steps!r}"
             )
         if self.clean_batch_size is not None and self.clean_batch_size < 1:
             raise ValueError(f"clean_batch_size must be >= 1 or None, got {self.clean_batch_size}")

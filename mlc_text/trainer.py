@@ -147,23 +147,36 @@ class MLCTrainer(CleanDataTrainer):
     def warm_start(self) -> None:
         """The corrector's supervised warm start on every trusted row (`corrector_warm_start_steps`), once per run."""
         self.warm_started = True
-        if not self.args.corrector_warm_start_steps:
-            return
+        if self.args.corrector_warm_start_steps:
+            losses = self.supervise_corrector(self.args.corrector_warm_start_steps, seed=self.args.seed)
+            logger.info(f"corrector warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps")
+
+    def supervise_corrector(self, steps: int, seed: int) -> list[float]:
+        """
+        Supervised Adam steps of the corrector on every trusted row's current features ([`warm_start_corrector`]),
+        each row shown with its true label and with a wrong one drawn with `seed`. Returns the losses.
+        """
         streams = [self.clean_batches] + ([self.meta_batches] if self.meta_batches is not None else [])
         batches = (  # the same rows on every process: the corrector stays the same everywhere
             self._prepare_inputs(batch) for stream in streams for batch in stream.in_order(self.args.clean_batch_size)
         )
         model = self.accelerator.unwrap_model(self.model)
         features, labels = head_features(model, self.head, batches, autocast=self.compute_loss_context_manager)
-        losses = warm_start_corrector(
-            self.corrector, features, labels, self.args.corrector_warm_start_steps, seed=self.args.seed
-        )
-        logger.info(f"corrector warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps")
+        return warm_start_corrector(self.corrector, features, labels, steps, seed=seed)
+
+    def _supervise_corrector_on_schedule(self) -> None:
+        # `corrector_supervision_interval`: after the first step, every interval steps (the warm start covers step 0).
+        interval, step = self.args.corrector_supervision_interval, self.state.global_step
+        if interval and step and step % interval == 0:
+            losses = self.supervise_corrector(self.args.corrector_supervision_steps, seed=self.args.seed + step)
+            self._metrics["train"]["corrector_supervised_loss"].append(losses[-1])
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """The shared step ([`CleanDataTrainer.training_step`]) with what the corrector needs around it."""
         if not self.warm_started:
             self.warm_start()
+        if self.accelerator.sync_gradients:  # once per optimizer step
+            self._supervise_corrector_on_schedule()
         self.corrector.train()
         self.anchored.trust = self.given_label_trust()
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -467,6 +467,40 @@ def test_warm_start_trains_the_corrector_on_the_trusted_rows_once(tmp_path, capl
     assert trainer.warm_started
 
 
+def test_corrector_supervision_runs_every_interval_after_the_first_step(tmp_path):
+    trainer = make_trainer(tmp_path, corrector_supervision_interval=2, corrector_supervision_steps=3, max_steps=6)
+    calls = []
+    supervise = trainer.supervise_corrector
+
+    def spy(steps, seed):
+        calls.append((trainer.state.global_step, steps, seed))
+        return supervise(steps, seed)
+
+    trainer.supervise_corrector = spy
+    trainer.train()
+    assert calls == [(2, 3, 2), (4, 3, 4)]  # not at step 0 (the warm start's place); seeds differ per update
+    logged = [entry for entry in trainer.state.log_history if "corrector_supervised_loss" in entry]
+    assert logged and all(entry["corrector_supervised_loss"] > 0 for entry in logged)
+
+
+def test_supervising_the_corrector_teaches_it_the_trusted_rows_true_labels(tmp_path):
+    trainer = make_trainer(tmp_path)
+    losses = trainer.supervise_corrector(200, seed=0)
+    assert losses[-1] < 0.5 * losses[0]  # the loss of the true label falls, whichever label the row is shown with
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"corrector_supervision_interval": -1}, "corrector_supervision_interval must be an integer >= 0, got -1"),
+        ({"corrector_supervision_steps": 0}, "corrector_supervision_steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_corrector_supervision_settings_are_checked(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        MLCTrainingArguments(output_dir=str(tmp_path), **setting)
+
+
 def test_without_warm_start_the_first_step_leaves_the_corrector_to_the_meta_gradient(tmp_path):
     trainer = make_trainer(tmp_path)
     before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
