@@ -26,7 +26,8 @@ waits for its turn at `on_step_begin`), so that drift of a shared machine hits e
 measured in a fresh subprocess per path (the RSS high-water mark only grows): peak RSS minus the RSS before the first
 step, optimizer states already allocated; on CUDA `max_memory_allocated` minus the memory allocated before it.
 
-The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2 and 5) the same way over
+The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2 and 5; `fd` also with half the
+clean batch at each interval) the same way over
 `--epoch-steps` steps each (a whole number of meta-update cycles) and extrapolates each to an epoch of
 `EPOCH_ROWS` noisy rows (+ `EPOCH_CLEAN_ROWS` trusted rows in fine-tuning's epoch). Results go to `bench/results/`.
 """
@@ -185,7 +186,7 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
 def epoch_cases(precision: str) -> list[EpochCase]:
     cases = [EpochCase(None, precision=precision)]
     cases += [EpochCase(gradient, n, precision) for gradient in EPOCH_GRADIENTS for n in INTERVALS]
-    return cases + [EpochCase("fd", 1, precision, half_clean_batch=True)]
+    return cases + [EpochCase("fd", n, precision, half_clean_batch=True) for n in INTERVALS]
 
 
 def cpu_has_bf16() -> bool:
