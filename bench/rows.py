@@ -43,7 +43,14 @@ KEY_FIELDS = (
     # Whether an MLC run ended with the clean stage (its settings, else the package default of its day); rows written
     # before the field existed ran it only when their --mlc_settings asked (`legacy_finish_on_clean`).
     "finish_on_clean",
+    # An MLC run's clean batch and meta_update_interval as they ran (its settings, else the package defaults of its
+    # day); rows written before the fields existed ran the settings' values, else 32 (the batch) and 1.
+    "clean_batch_size",
+    "meta_update_interval",
 )
+
+# The benchmark's batch size (bench/accuracy.py --batch_size), which every row ran with.
+BENCH_BATCH_SIZE = 32
 
 
 def legacy_meta_gradient(row: dict) -> str | None:
@@ -55,6 +62,21 @@ def legacy_meta_gradient(row: dict) -> str | None:
         if f"meta_gradient={name}" in settings.replace('"', ""):
             return name
     return "jvp"  # the default from the first row that has mlc_defaults until the defaults became "auto"
+
+
+def _legacy_setting(name: str, before: int):
+    """An MLC row's `name` from before it was recorded: its `--mlc_settings`' value, else `before`."""
+
+    def value(row: dict) -> int | None:
+        if row.get("method") != "mlc":
+            return None
+        for item in (row.get("mlc_settings") or "").split(","):
+            key, _, text = item.partition("=")
+            if key == name:
+                return int(text)
+        return before
+
+    return value
 
 
 def legacy_finish_on_clean(row: dict) -> bool | None:
@@ -73,6 +95,8 @@ LEGACY_DEFAULTS = {
     "precision": "fp32",
     "meta_gradient": legacy_meta_gradient,
     "finish_on_clean": legacy_finish_on_clean,
+    "clean_batch_size": _legacy_setting("clean_batch_size", BENCH_BATCH_SIZE),
+    "meta_update_interval": _legacy_setting("meta_update_interval", 1),
 }
 
 

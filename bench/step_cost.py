@@ -16,10 +16,10 @@ optimizer step, the schedule and `zero_grad`, as the `Trainer`'s loop runs them 
 outside). Paths (MLC with the package defaults unless named):
 
 * `plain`: fine-tuning (`FinetuneTrainer`).
-* `jvp`, `fd` (what MLC's default `meta_gradient="auto"` takes in float32), `fd_central`, `reference`: an MLC step with
-  that `meta_gradient`.
-* variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`, `half_clean_batch` (`clean_batch_size` half
-  the batch size).
+* `jvp`, `fd` (what MLC's default `meta_gradient="auto"` takes in float32), `fd_central`, `reference`: an MLC meta step
+  with that `meta_gradient` (every step a meta step: `meta_update_interval=1`; the default clean batch, half the batch).
+* variants: `no_reuse` (`reuse_clean_pass=False`), `no_clean_in_main_loss`, `full_clean_batch` (`clean_batch_size` the
+  batch size, the paper's).
 
 Times are medians over steps run in turn, one step of each path per round (each trainer runs in its own thread and
 waits for its turn at `on_step_begin`), so that drift of a shared machine hits every path alike. Peak memory is
@@ -69,7 +69,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from mlc_text.baselines import FinetuneTrainer  # noqa: E402
-from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments  # noqa: E402
+from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments, default_clean_batch_size  # noqa: E402
 from mlc_text.reporting import format_results_table  # noqa: E402
 from mlc_text.trainer import MLCTrainer  # noqa: E402
 
@@ -93,11 +93,11 @@ DOCS_START, DOCS_END = "<!-- step_cost tables: start -->", "<!-- step_cost table
 NUM_LABELS = 4
 MODELS = ("minilm", "tiny-bert", "bert-base-random")
 PATHS = ("plain", "jvp", "fd", "fd_central", "reference")
-VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss", "half_clean_batch")
+VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss", "full_clean_batch")
 INTERVALS = (1, 2, 5)
 EPOCH_GRADIENTS = ("jvp", "fd")
-# A setting of the cases, not of MLCTrainingArguments: clean_batch_size = half the batch size.
-HALF_CLEAN_BATCH = "half_clean_batch"
+# A setting of the cases, not of MLCTrainingArguments: clean_batch_size = the batch size (the default is half of it).
+FULL_CLEAN_BATCH = "full_clean_batch"
 EPOCH_ROWS, EPOCH_CLEAN_ROWS = 6000, 80  # an AG News cell of the accuracy grid: 6000 noisy rows, 20 trusted per class
 
 
@@ -107,7 +107,7 @@ class StepCase:
 
     path: str  # plain | jvp | fd | fd_central | reference
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    variant: str = "default"  # default | no_reuse | no_clean_in_main_loss | half_clean_batch
+    variant: str = "default"  # default | no_reuse | no_clean_in_main_loss | full_clean_batch
 
     def __post_init__(self):
         if self.path not in PATHS or self.precision not in ("fp32", "bf16", "fp16") or self.variant not in VARIANTS:
@@ -129,13 +129,13 @@ class StepCase:
         """The `MLCTrainingArguments` this case changes."""
         settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
         if self.path != "plain":
-            settings["meta_gradient"] = self.path
+            settings.update(meta_gradient=self.path, meta_update_interval=1)  # the cost of a meta step
         if self.variant == "no_reuse":
             settings["reuse_clean_pass"] = False
         if self.variant == "no_clean_in_main_loss":
             settings["clean_in_main_loss"] = False
-        if self.variant == "half_clean_batch":
-            settings[HALF_CLEAN_BATCH] = True
+        if self.variant == "full_clean_batch":
+            settings[FULL_CLEAN_BATCH] = True
         return settings
 
 
@@ -146,22 +146,22 @@ class EpochCase:
     meta_gradient: str | None
     interval: int = 1
     precision: str = "fp32"
-    half_clean_batch: bool = False
+    full_clean_batch: bool = False
 
     @property
     def key(self) -> str:
         if self.meta_gradient is None:
             return "finetune"
         return f"mlc:{self.meta_gradient}:every {self.interval}" + (
-            ":half clean batch" if self.half_clean_batch else ""
+            ":full clean batch" if self.full_clean_batch else ""
         )
 
     def settings(self) -> dict:
         settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
         if self.meta_gradient is not None:
             settings.update(meta_gradient=self.meta_gradient, meta_update_interval=self.interval)
-        if self.half_clean_batch:
-            settings[HALF_CLEAN_BATCH] = True
+        if self.full_clean_batch:
+            settings[FULL_CLEAN_BATCH] = True
         return settings
 
 
@@ -175,7 +175,7 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
     precision = "bf16" if device == "cuda" else "fp32"
     cases = [StepCase(path, precision) for path in ("plain", "jvp", "fd", "fd_central", "reference")]
     cases += [StepCase("jvp", precision, "no_reuse"), StepCase("jvp", precision, "no_clean_in_main_loss")]
-    cases += [StepCase("fd", precision, "half_clean_batch")]
+    cases += [StepCase("fd", precision, "full_clean_batch")]
     if device == "cpu" and bf16 and cpu_has_bf16():
         cases += [StepCase("plain", "bf16"), StepCase("jvp", "bf16"), StepCase("fd", "bf16")]
     elif device == "cpu" and bf16:
@@ -185,8 +185,10 @@ def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
 
 def epoch_cases(precision: str) -> list[EpochCase]:
     cases = [EpochCase(None, precision=precision)]
-    cases += [EpochCase(gradient, n, precision) for gradient in EPOCH_GRADIENTS for n in INTERVALS]
-    return cases + [EpochCase("fd", n, precision, half_clean_batch=True) for n in INTERVALS]
+    cases += [
+        EpochCase(gradient, n, precision, full_clean_batch=True) for gradient in EPOCH_GRADIENTS for n in INTERVALS
+    ]
+    return cases + [EpochCase("fd", n, precision) for n in INTERVALS]  # the default clean batch, half the batch
 
 
 def cpu_has_bf16() -> bool:
@@ -240,8 +242,8 @@ def build_trainer(args, model_name: str, max_length: int, settings: dict, max_st
     `Trainer`'s clipping (max_grad_norm 1), no logging, no checkpoints.
     """
     settings = dict(settings)
-    if settings.pop(HALF_CLEAN_BATCH, False):
-        settings["clean_batch_size"] = args.batch_size // 2
+    if settings.pop(FULL_CLEAN_BATCH, False):
+        settings["clean_batch_size"] = args.batch_size
     model = build_model(model_name, args.device, args.seed)
     vocab_size = model.config.vocab_size
     noisy = random_rows(vocab_size, max_steps * args.batch_size, max_length, args.seed + 1)
@@ -562,8 +564,8 @@ def run_epoch_cost(args) -> list[dict]:
         row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size, "precision": precision}
         row.update(method="finetune" if case.meta_gradient is None else "mlc", meta_gradient=case.meta_gradient)
         row.update(meta_update_interval=None if case.meta_gradient is None else case.interval)
-        half = args.batch_size // 2 if case.half_clean_batch else args.batch_size
-        row.update(clean_batch_size=None if case.meta_gradient is None else half)
+        clean_batch = args.batch_size if case.full_clean_batch else default_clean_batch_size(args.batch_size)
+        row.update(clean_batch_size=None if case.meta_gradient is None else clean_batch)
         row.update(step_s=round(step_s, 4), measured_steps=args.epoch_steps, epoch_rows=EPOCH_ROWS)
         row.update(steps_per_epoch=steps, epoch_s=round(step_s * steps, 1))
         rows.append({**row, **machine_info(args)})

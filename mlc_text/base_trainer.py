@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .autodiff import LossScale, _found_inf, _reduce_dict, install_cpu_grad_scaler, trainable_parameters
 from .clean_batches import CleanBatchIterator, MetaBatch
 from .clean_stage import train_on_clean_rows
-from .config import MLCTrainingArguments
+from .config import MLCTrainingArguments, default_clean_batch_size
 from .virtual_step import ParamDict, check_optimizer
 
 __all__ = [
@@ -102,6 +102,8 @@ class CleanDataTrainer(Trainer):
 
     # `finish_on_clean=None` means this: off for the baselines, which follow their papers; MLC turns it on.
     finish_on_clean_by_default = False
+    # `clean_batch_size=None`: this share of the noisy batch, or the whole batch size when `None`.
+    clean_batch_share: float | None = None
 
     def __init__(
         self,
@@ -151,6 +153,14 @@ class CleanDataTrainer(Trainer):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         check_optimizer(optimizer)
         return optimizer
+
+    @property
+    def clean_batch_size(self) -> int:
+        """Rows per clean batch and process: `args.clean_batch_size`, or the trainer's default when `None`."""
+        if self.args.clean_batch_size is not None:
+            return self.args.clean_batch_size
+        batch_size = self.args.per_device_train_batch_size
+        return default_clean_batch_size(batch_size, self.clean_batch_share) if self.clean_batch_share else batch_size
 
     @property
     def finishes_on_clean(self) -> bool:
@@ -225,15 +235,15 @@ class CleanDataTrainer(Trainer):
     def _clean_stream(self, dataset, description: str, seed_offset: int) -> CleanBatchIterator:
         """A further stream of trusted rows (`description` names them in logs), seeded apart by `seed_offset`."""
         dataset = self._remove_unused_columns(dataset, description=description)
-        batch_size = min(self.args.clean_batch_size, len(dataset) // self.args.world_size)
+        batch_size = min(self.clean_batch_size, len(dataset) // self.args.world_size)
         if batch_size < 1:
             raise ValueError(
                 f"{len(dataset)} {description} rows cannot give each of the {self.args.world_size} processes a batch: "
                 f"use at least {self.args.world_size} {description} rows or fewer processes"
             )
-        if batch_size < self.args.clean_batch_size:
+        if batch_size < self.clean_batch_size:
             logger.warning(
-                f"{description} batches of {batch_size} rows instead of clean_batch_size={self.args.clean_batch_size}: "
+                f"{description} batches of {batch_size} rows instead of clean_batch_size={self.clean_batch_size}: "
                 f"there are {len(dataset)} {description} rows for {self.args.world_size} process(es)"
             )
         return CleanBatchIterator(

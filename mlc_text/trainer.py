@@ -19,7 +19,7 @@ from torch import nn
 from .autodiff import LossScale
 from .base_trainer import MLC_STATE_NAME, CleanDataTrainer, MainStep, check_parallelism
 from .clean_batches import MetaBatch
-from .config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments
+from .config import MLC_CLEAN_BATCH_SHARE, MLC_FINISHES_ON_CLEAN, MLCTrainingArguments
 from .corrector_signals import signal_warnings, stayed_flat_warning, step_signals
 from .lookahead import LookaheadBuffer
 from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient, unit_norm
@@ -81,6 +81,7 @@ class MLCTrainer(CleanDataTrainer):
 
     _tag_names = list(get_method("mlc").tags)
     finish_on_clean_by_default = MLC_FINISHES_ON_CLEAN
+    clean_batch_share = MLC_CLEAN_BATCH_SHARE
 
     def __init__(
         self,
@@ -158,7 +159,7 @@ class MLCTrainer(CleanDataTrainer):
         """
         streams = [self.clean_batches] + ([self.meta_batches] if self.meta_batches is not None else [])
         batches = (  # the same rows on every process: the corrector stays the same everywhere
-            self._prepare_inputs(batch) for stream in streams for batch in stream.in_order(self.args.clean_batch_size)
+            self._prepare_inputs(batch) for stream in streams for batch in stream.in_order(self.clean_batch_size)
         )
         model = self.accelerator.unwrap_model(self.model)
         features, labels = head_features(model, self.head, batches, autocast=self.compute_loss_context_manager)

@@ -76,17 +76,23 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
         report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc@3e-05[gradient_steps=3,skip_connection=true]"
     )
     today = {"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True, "finish_on_clean": True}
+    today.update(clean_batch_size=16, meta_update_interval=2)
     assert report.method_label(today) == "mlc"
-    # a row of the defaults before the clean stage (no field: it did not run one) is that variant now
-    earlier = {key: value for key, value in today.items() if key != "finish_on_clean"}
-    assert report.method_label(earlier) == "mlc@0.0003[finish_on_clean=false]"
-    assert report.method_label({**today, "mlc_defaults": False, "meta_learning_rate": 1e-3}) == "mlc@0.001"
+    # a row of the defaults of an earlier day (no field: it ran the values of its day) is that variant now
+    stage = {key: value for key, value in today.items() if key not in ("clean_batch_size", "meta_update_interval")}
+    assert report.method_label(stage) == "mlc@0.0003[clean_batch_size=32,meta_update_interval=1]"
+    earlier = {key: value for key, value in stage.items() if key != "finish_on_clean"}
     assert (
-        report.method_label({**earlier, "mlc_defaults": False, "mlc_settings": "clean_batch_size=16"})
-        == "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"
+        report.method_label(earlier) == "mlc@0.0003[clean_batch_size=32,finish_on_clean=false,meta_update_interval=1]"
     )
+    assert report.method_label({**today, "mlc_defaults": False, "meta_learning_rate": 1e-3}) == "mlc@0.001"
+    # settings equal to today's defaults are dropped: that row ran what the defaults run now
+    half = {**earlier, "mlc_defaults": False, "mlc_settings": "clean_batch_size=16"}
+    assert report.method_label(half) == "mlc@0.0003[finish_on_clean=false,meta_update_interval=1]"
     asked = {**earlier, "mlc_defaults": False, "mlc_settings": "finish_on_clean=true"}  # asked for before the default
-    assert report.method_label(asked) == "mlc@0.0003[finish_on_clean=true]"
+    assert report.method_label(asked) == "mlc@0.0003[clean_batch_size=32,meta_update_interval=1]"
+    same = {**half, "mlc_settings": "clean_batch_size=16,meta_update_interval=2", "finish_on_clean": True}
+    assert report.method_label(same) == "mlc"
     assert mlc["mlc_defaults"] is False and accuracy.uses_mlc_defaults(mlc) is False
     # a run on today's defaults does not share its key with an older row at the same meta learning rate
     rate = accuracy.MLCTrainingArguments.meta_learning_rate
@@ -94,9 +100,14 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     assert default["mlc_defaults"] is True and default["finish_on_clean"] is True
     legacy = {key: value for key, value in default.items() if key != "mlc_defaults"}
     assert accuracy.run_key(legacy) != accuracy.run_key(default)
-    # nor with a row of the defaults from before the clean stage
-    earlier = {key: value for key, value in default.items() if key != "finish_on_clean"}
-    assert accuracy.run_key(earlier) != accuracy.run_key(default)
+    # nor with a row of the defaults from before the clean stage, or before half the clean batch every other step
+    assert default["clean_batch_size"] == 16 and default["meta_update_interval"] == 2
+    for field in ("finish_on_clean", "clean_batch_size", "meta_update_interval"):
+        earlier = {key: value for key, value in default.items() if key != field}
+        assert accuracy.run_key(earlier) != accuracy.run_key(default)
+    # settings name the values a run used in its key
+    (asked,) = accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "clean_batch_size=8"]))[:1]
+    assert asked["clean_batch_size"] == 8 and asked["meta_update_interval"] == 2
 
 
 def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
@@ -200,7 +211,7 @@ def test_report_means_and_gap_share(tmp_path):
                     "num_clean_per_class": 100, "epochs": 1.0, "max_train_samples": 2000, "method": method,
                     "seed": seed, "test_accuracy": accuracy, "test_macro_f1": accuracy, "wall_s": 10.0,
                     "correction_accuracy": 0.8 if method == "mlc" else None,
-                    **({"mlc_defaults": True, "finish_on_clean": True} if method == "mlc" else {}),
+                    **(TODAYS_MLC_DEFAULTS if method == "mlc" else {}),
                 }
             )  # fmt: skip
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -249,21 +260,22 @@ def test_report_puts_mlc_variants_in_the_ablation_table_against_the_defaults_at_
     runs = [  # (method, seed, meta lr, settings, precision, test accuracy)
         ("clean_only", 0, None, None, "fp32", 0.80), ("oracle", 0, None, None, "fp32", 0.90),
         ("mlc", 0, 3e-4, None, "fp32", 0.84), ("mlc", 1, 3e-4, None, "fp32", 0.86),
-        ("mlc", 0, 3e-4, "finish_on_clean=true", "fp32", 0.87),  # +3 against the defaults at seed 0 alone
+        ("mlc", 0, 3e-4, "skip_init=3", "fp32", 0.87),  # +3 against the defaults at seed 0 alone
         ("mlc", 0, 3e-4, "meta_split=\"rows\"", "bf16", 0.82),  # no bf16 defaults: against the fp32 ones
     ]  # fmt: skip
     rows = [
         {**base, "method": method, "seed": seed, "meta_learning_rate": rate, "mlc_settings": settings,
          "precision": precision, "test_accuracy": test, "test_macro_f1": test,
-         "mlc_defaults": method == "mlc" and settings is None, "finish_on_clean": settings != 'meta_split="rows"'}
+         "mlc_defaults": method == "mlc" and settings is None, "finish_on_clean": settings != 'meta_split="rows"',
+         "clean_batch_size": 16, "meta_update_interval": 2}
         for method, seed, rate, settings, precision, test in runs
     ]  # fmt: skip
     cells = report.summarise(rows)
     (cell,) = cells
-    assert "mlc@0.0003[finish_on_clean=true]" not in report.table(cell, cells[cell])
+    assert "mlc@0.0003[skip_init=3]" not in report.table(cell, cells[cell])
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in report.table(cell, cells[cell])
     text = "\n".join(report.ablation_table(cells))
-    assert "| mlc@0.0003[finish_on_clean=true] | 87.0 (1) +3.0 |" in text
+    assert "| mlc@0.0003[skip_init=3] | 87.0 (1) +3.0 |" in text
     assert '| mlc@0.0003[finish_on_clean=false,meta_split="rows"] (bf16) | 82.0 (1) -2.0 |' in text  # against fp32
 
 
@@ -363,6 +375,15 @@ def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_
     assert "| corrected label right |" not in text  # no row for what the run did not log
 
 
+# What bench/accuracy.py writes for an MLC run of today's defaults.
+TODAYS_MLC_DEFAULTS = {
+    "mlc_defaults": True,
+    "finish_on_clean": True,
+    "clean_batch_size": 16,
+    "meta_update_interval": 2,
+}
+
+
 def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 0.4) -> list[dict]:
     base = {
         "corpus": "ag_news", "model": "minilm-l6", "noise_type": "flip", "noise_rate": noise_rate,
@@ -376,9 +397,8 @@ def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 
             row = {**base, "method": method, "seed": seed, "test_accuracy": accuracy + 0.001 * seed}
             if method == "mlc":
                 row["meta_learning_rate"] = 3e-4
-                row["mlc_defaults"] = not settings
                 row["meta_gradient"] = "fd"  # what the defaults' "auto" runs in fp32
-                row["finish_on_clean"] = True
+                row.update(TODAYS_MLC_DEFAULTS, mlc_defaults=not settings)
                 if settings:
                     row["mlc_settings"] = settings.rstrip("]")
             rows.append(row)
@@ -444,12 +464,15 @@ def test_rows_from_before_the_clean_stage_default_are_reproduced_as_their_varian
     rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, "mlc[clean_batch_size=16]": 0.86})
     for row in rows:
         row["meta_learning_rate"] = row.get("meta_learning_rate")
-        if row["method"] == "mlc":
-            del row["finish_on_clean"]  # written before the field: no clean stage
+        if row["method"] == "mlc":  # written before the fields: no clean stage, the settings' clean batch, interval 1
+            for field in ("finish_on_clean", "clean_batch_size", "meta_update_interval"):
+                del row[field]
+    expected = {
+        "mlc@0.0003[clean_batch_size=32,finish_on_clean=false,meta_update_interval=1]",
+        "mlc@0.0003[finish_on_clean=false,meta_update_interval=1]",
+    }
     ((cell, methods),) = report.summarise(rows).items()
-    assert {"mlc@0.0003[finish_on_clean=false]", "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"} <= set(
-        methods
-    )
+    assert expected <= set(methods)
     labels = set()
     for command in report.cell_commands(cell, methods):
         argv = command.split()[2:] + ["--data_dir", data_dir]
@@ -458,7 +481,7 @@ def test_rows_from_before_the_clean_stage_default_are_reproduced_as_their_varian
             for run in accuracy.grid(accuracy.parse_args(argv))
             if run["method"] == "mlc"
         }
-    assert labels == {"mlc@0.0003[finish_on_clean=false]", "mlc@0.0003[clean_batch_size=16,finish_on_clean=false]"}
+    assert labels == expected
 
 
 def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, data_dir):
@@ -481,17 +504,22 @@ def test_selection_on_trusted_rows_holds_them_out_for_every_method(tmp_path, dat
 
 
 # ------------------------------------------------------------------------------------------------ step_cost
-def test_step_cost_half_clean_batch_case_halves_the_clean_batch(tmp_path):
+def test_step_cost_full_clean_batch_case_uses_the_whole_batch(tmp_path):
     step_cost = load("step_cost")
     args = step_cost.parse_args(["--model", "tiny-bert", "--lengths", "8", "--batch-size", "4", "--threads", "1"])
     for case in (
-        step_cost.StepCase("fd", "fp32", "half_clean_batch"),
-        step_cost.EpochCase("fd", half_clean_batch=True),
+        step_cost.StepCase("fd", "fp32", "full_clean_batch"),
+        step_cost.EpochCase("fd", full_clean_batch=True),
     ):
-        trainer = step_cost.build_trainer(args, "tiny-bert", 8, case.settings(), 2, str(tmp_path / "half"))
-        assert trainer.args.clean_batch_size == 2 and trainer.args.meta_gradient == "fd"
+        trainer = step_cost.build_trainer(args, "tiny-bert", 8, case.settings(), 2, str(tmp_path / "full"))
+        assert trainer.clean_batch_size == 4 and trainer.args.meta_gradient == "fd"
     plain = step_cost.build_trainer(args, "tiny-bert", 8, step_cost.StepCase("fd").settings(), 2, str(tmp_path / "p"))
-    assert plain.args.clean_batch_size == 4  # the default: the training batch size
+    assert plain.clean_batch_size == 2  # the default: half the training batch
+    assert plain.args.meta_update_interval == 1  # a step case times the meta step
+    epoch = step_cost.build_trainer(
+        args, "tiny-bert", 8, step_cost.EpochCase("fd", 2).settings(), 2, str(tmp_path / "e")
+    )
+    assert epoch.clean_batch_size == 2 and epoch.args.meta_update_interval == 2
 
 
 def test_step_cost_times_the_trainers_own_steps_in_turn(tmp_path):

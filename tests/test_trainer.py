@@ -12,6 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification, default_data_collator
 
+import mlc_text.trainer as trainer_module
+from mlc_text.baselines import L2RWTrainer
 from mlc_text.config import MLCTrainingArguments
 from mlc_text.meta_net import CORRECTOR_WEIGHTS_NAME, LabelCorrector, capture_head_features
 from mlc_text.trainer import MLC_STATE_NAME, MLCTrainer, check_parallelism
@@ -57,6 +59,10 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         "skip_init": 0.0,
         # the method's own steps (MLC's default ends with a clean stage: tests/test_clean_stage.py)
         "finish_on_clean": False,
+        # a meta step at every step on the whole clean batch, the paper's (the defaults halve both: see
+        # test_mlc_defaults_to_half_the_clean_batch_and_a_meta_step_every_other_step)
+        "meta_update_interval": 1,
+        "clean_batch_size": overrides.get("per_device_train_batch_size", 8),
         "max_steps": 6,
         "report_to": "none",
         "use_cpu": True,
@@ -465,6 +471,36 @@ def test_warm_start_trains_the_corrector_on_the_trusted_rows_once(tmp_path, capl
     assert any(not torch.equal(before[k], after[k]) for k in before)
     trainer.train()  # the first step must not warm-start again: only the meta-gradient moves the corrector then
     assert trainer.warm_started
+
+
+def test_mlc_defaults_to_half_the_clean_batch_and_a_meta_step_every_other_step(tmp_path):
+    args = MLCTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=7)
+    assert args.clean_batch_size is None and args.meta_update_interval == 2
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=7, clean_batch_size=None, meta_update_interval=2)
+    assert trainer.clean_batch_size == 4  # half of 7, rounded up
+    assert len(next(trainer.clean_batches)["labels"]) == 4
+    calls = []
+    original = trainer_module.meta_step
+
+    def spy(*args, **kwargs):
+        calls.append(trainer.state.global_step)
+        return original(*args, **kwargs)
+
+    trainer_module.meta_step = spy
+    try:
+        trainer.train()
+    finally:
+        trainer_module.meta_step = original
+    assert calls == [0, 2, 4]
+    l2rw = make_trainer(
+        tmp_path / "l2rw",
+        trainer_class=L2RWTrainer,
+        method="l2rw",
+        per_device_train_batch_size=7,
+        clean_batch_size=None,
+    )
+    assert l2rw.clean_batch_size == 7  # the other methods keep the whole batch (their papers')
+    assert make_trainer(tmp_path / "set", clean_batch_size=3).clean_batch_size == 3
 
 
 def test_corrector_supervision_runs_every_interval_after_the_first_step(tmp_path):
