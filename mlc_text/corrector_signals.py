@@ -16,7 +16,7 @@ import torch
 
 from .metrics import correction_stats
 
-__all__ = ["signal_warnings", "stayed_flat_warning", "step_signals"]
+__all__ = ["never_corrected_warning", "signal_warnings", "stayed_flat_warning", "step_signals"]
 
 # Mean entropy of the corrected labels, as a share of log K, above which the corrector is said to have stayed flat.
 FLAT_ENTROPY_SHARE = 0.9
@@ -137,4 +137,20 @@ def stayed_flat_warning(
         f"log): it has barely learned in {steps} steps at meta_learning_rate="
         f"{args.meta_learning_rate:g}, and near-uniform targets pull the main net towards uniform "
         "predictions. Train longer or raise meta_learning_rate (see docs/RESULTS.md)."
+    )
+
+
+def never_corrected_warning(log_history: Sequence[Mapping[str, Any]], *, args: Any) -> str | None:
+    """
+    The warning due at the end of a run whose corrector never replaced a given label: `agreement_with_noisy` was 1 at
+    every log (the corrected labels' argmax was always the given label), else `None`.
+    """
+    agreements = [entry["agreement_with_noisy"] for entry in log_history if "agreement_with_noisy" in entry]
+    if not agreements or min(agreements) < 1.0:
+        return None
+    return (
+        f"the label corrector never replaced a given label over {len(agreements)} logs (its argmax was the given label "
+        "on every noisy row): the main net trained on the given labels, softened, and label_issues.csv / the "
+        f"correction matrix show no corrections. For label correction, run meta_update_interval=1 (now "
+        f"{args.meta_update_interval}) with a clean batch as large as the noisy one, or train for more epochs."
     )

@@ -20,7 +20,7 @@ from .autodiff import LossScale
 from .base_trainer import MLC_STATE_NAME, CleanDataTrainer, MainStep, check_parallelism
 from .clean_batches import MetaBatch
 from .config import MLC_CLEAN_BATCH_SHARE, MLC_FINISHES_ON_CLEAN, MLCTrainingArguments
-from .corrector_signals import signal_warnings, stayed_flat_warning, step_signals
+from .corrector_signals import never_corrected_warning, signal_warnings, stayed_flat_warning, step_signals
 from .lookahead import LookaheadBuffer
 from .meta_grad import CleanPass, MetaStepOutput, corrected_label_step, meta_step, resolve_meta_gradient, unit_norm
 from .meta_net import (
@@ -330,6 +330,9 @@ class MLCTrainer(CleanDataTrainer):
             num_labels=self.model.config.num_labels,
             args=self.args,
         )
+        if message is not None:
+            logger.warning(message)
+        message = never_corrected_warning(self.state.log_history, args=self.args)
         if message is not None:
             logger.warning(message)
 

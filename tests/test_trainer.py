@@ -302,6 +302,22 @@ def test_clean_set_missing_a_class_warns(tmp_path, caplog):
     assert "no row of class 2" in caplog.text
 
 
+def test_a_corrector_that_never_replaced_a_given_label_is_reported(tmp_path, caplog):
+    # skip weight near 1 (logit 8): the given label is the argmax of every corrected label, whatever the corrector
+    trainer = make_trainer(tmp_path, skip_connection="per_example", skip_init=8.0, logging_steps=1, max_steps=3)
+    with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+        trainer.train()
+    assert [entry["agreement_with_noisy"] for entry in trainer.state.log_history if "agreement_with_noisy" in entry]
+    assert (
+        "never replaced a given label over 3 logs" in caplog.text and "meta_update_interval=1 (now 1)" in caplog.text
+    )
+    trainer.state.log_history.append({"agreement_with_noisy": 0.97})  # one log with a replaced label: no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlc_text.trainer"):
+        trainer._warn_if_corrector_stayed_flat()
+    assert "never replaced" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
