@@ -302,7 +302,7 @@ class MLCTrainer(CleanDataTrainer):
     def train(self, *args, **kwargs):
         self._warned.clear()
         output = super().train(*args, **kwargs)
-        self._warn_if_corrector_stayed_flat()
+        self._warn_at_end_of_run()
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -323,17 +323,16 @@ class MLCTrainer(CleanDataTrainer):
                 self._warned.add(kind)
                 logger.warning(message)
 
-    def _warn_if_corrector_stayed_flat(self) -> None:
-        message = stayed_flat_warning(
-            self.state.log_history,
-            steps=self.state.global_step,
-            num_labels=self.model.config.num_labels,
-            args=self.args,
+    def _warn_at_end_of_run(self) -> None:
+        """The end-of-run warnings: a corrector that stayed near uniform, or that never replaced a given label."""
+        history = self.state.log_history
+        messages = (
+            stayed_flat_warning(
+                history, steps=self.state.global_step, num_labels=self.model.config.num_labels, args=self.args
+            ),
+            never_corrected_warning(history, args=self.args),
         )
-        if message is not None:
-            logger.warning(message)
-        message = never_corrected_warning(self.state.log_history, args=self.args)
-        if message is not None:
+        for message in filter(None, messages):
             logger.warning(message)
 
     def _record(

@@ -314,7 +314,7 @@ def test_a_corrector_that_never_replaced_a_given_label_is_reported(tmp_path, cap
     trainer.state.log_history.append({"agreement_with_noisy": 0.97})  # one log with a replaced label: no warning
     caplog.clear()
     with caplog.at_level("WARNING", logger="mlc_text.trainer"):
-        trainer._warn_if_corrector_stayed_flat()
+        trainer._warn_at_end_of_run()
     assert "never replaced" not in caplog.text
 
 
@@ -439,7 +439,7 @@ def test_a_corrector_that_stays_flat_is_reported(tmp_path, caplog):
     trainer.state.log_history.append({"mean_entropy": 0.1})  # the last log decides: a sharp corrector, no warning
     caplog.clear()
     with caplog.at_level("WARNING", logger="mlc_text.trainer"):
-        trainer._warn_if_corrector_stayed_flat()
+        trainer._warn_at_end_of_run()
     assert "stayed near uniform" not in caplog.text
 
 
