@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rows import BENCH_BATCH_SIZE, KEY_FIELDS, RUN_FILE, row_value, run_folder_name  # noqa: E402
-from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments, default_clean_batch_size  # noqa: E402
+from bench.rows import BENCH_BATCH_SIZE, KEY_FIELDS, RUN_FILE, mlc_protocol, row_value, run_folder_name  # noqa: E402
+from mlc_text.config import MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.meta_grad import resolve_meta_gradient  # noqa: E402
 from mlc_text.methods import METHODS  # noqa: E402
@@ -199,15 +199,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_gradient"] = resolve_meta_gradient(
                     args.mlc_settings.get("meta_gradient", MLCTrainingArguments.meta_gradient), args.precision
                 )
-                stage = args.mlc_settings.get("finish_on_clean")
-                run["finish_on_clean"] = MLC_FINISHES_ON_CLEAN if stage is None else bool(stage)
-                clean_batch = args.mlc_settings.get("clean_batch_size")
-                run["clean_batch_size"] = (
-                    default_clean_batch_size(args.batch_size) if clean_batch is None else clean_batch
-                )
-                run["meta_update_interval"] = args.mlc_settings.get(
-                    "meta_update_interval", MLCTrainingArguments.meta_update_interval
-                )
+                for name, default in mlc_protocol(args.batch_size).items():  # as it runs, the defaults resolved
+                    run[name] = args.mlc_settings.get(name, default)
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

@@ -11,6 +11,8 @@ import json
 import os
 import re
 
+from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments, default_clean_batch_size
+
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
 RUN_FILE = "bench_run.json"
@@ -38,10 +40,10 @@ KEY_FIELDS = (
     # fp32, or bf16 (CPU or CUDA autocast, the recipe's --bf16); rows written before the field existed ran in fp32.
     "precision",
     # An MLC run's meta-gradient path as it ran ("auto" resolved): a row of the defaults after they became "auto" (fd
-    # in fp32) is not one of the jvp defaults before. See `legacy_meta_gradient` for rows without the field.
+    # in fp32) is not one of the jvp defaults before. Rows without the field: `LEGACY_DEFAULTS`.
     "meta_gradient",
     # Whether an MLC run ended with the clean stage (its settings, else the package default of its day); rows written
-    # before the field existed ran it only when their --mlc_settings asked (`legacy_finish_on_clean`).
+    # before the field existed ran it only when their --mlc_settings asked.
     "finish_on_clean",
     # An MLC run's clean batch and meta_update_interval as they ran (its settings, else the package defaults of its
     # day); rows written before the fields existed ran the settings' values, else 32 (the batch) and 1.
@@ -53,37 +55,43 @@ KEY_FIELDS = (
 BENCH_BATCH_SIZE = 32
 
 
-def legacy_meta_gradient(row: dict) -> str | None:
-    """The path of an MLC row written before `meta_gradient` was recorded: its `--mlc_settings`' one, else jvp."""
-    if row.get("method") != "mlc":
-        return None
-    settings = row.get("mlc_settings") or ""
-    for name in ("fd_central", "fd", "reference"):
-        if f"meta_gradient={name}" in settings.replace('"', ""):
-            return name
-    return "jvp"  # the default from the first row that has mlc_defaults until the defaults became "auto"
+def settings_of(row: dict) -> dict:
+    """
+    A row's `mlc_settings` (the canonical `KEY=JSON` text, joined by commas, that bench/accuracy.py writes) as a dict
+    of values: `meta_gradient="fd",skip_init=2` -> `{"meta_gradient": "fd", "skip_init": 2}`. The one reader of that
+    text.
+    """
+    settings = {}
+    for item in filter(None, (row.get("mlc_settings") or "").split(",")):
+        key, _, text = item.partition("=")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return settings
 
 
-def _legacy_setting(name: str, before: int):
-    """An MLC row's `name` from before it was recorded: its `--mlc_settings`' value, else `before`."""
+def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE) -> dict:
+    """
+    The MLC settings whose package defaults changed over the rows' history, at today's defaults for a noisy batch of
+    `batch_size`. Every MLC row records them as it ran (key fields above), so rows of two days' defaults differ.
+    """
+    return {
+        "clean_batch_size": default_clean_batch_size(batch_size),
+        "finish_on_clean": MLC_FINISHES_ON_CLEAN,
+        "meta_update_interval": MLCTrainingArguments.meta_update_interval,
+    }
 
-    def value(row: dict) -> int | None:
+
+def _legacy_setting(name: str, before):
+    """An MLC row's `name` from before it was recorded: its `--mlc_settings`' value, else `before` (that day's default)."""
+
+    def value(row: dict):
         if row.get("method") != "mlc":
             return None
-        for item in (row.get("mlc_settings") or "").split(","):
-            key, _, text = item.partition("=")
-            if key == name:
-                return int(text)
-        return before
+        return settings_of(row).get(name, before)
 
     return value
-
-
-def legacy_finish_on_clean(row: dict) -> bool | None:
-    """Whether an MLC row written before `finish_on_clean` was recorded ended on the clean rows: only if asked."""
-    if row.get("method") != "mlc":
-        return None
-    return "finish_on_clean=true" in (row.get("mlc_settings") or "")
 
 
 # Fields that rows written before they were recorded lack, with the value those rows used (a function of the row
@@ -93,8 +101,10 @@ LEGACY_DEFAULTS = {
     "select_on_trusted": 0,
     "mlc_defaults": False,
     "precision": "fp32",
-    "meta_gradient": legacy_meta_gradient,
-    "finish_on_clean": legacy_finish_on_clean,
+    # jvp: the default from the first row that has mlc_defaults until the defaults became "auto"; the clean stage ran
+    # only where the settings asked.
+    "meta_gradient": _legacy_setting("meta_gradient", "jvp"),
+    "finish_on_clean": _legacy_setting("finish_on_clean", False),
     "clean_batch_size": _legacy_setting("clean_batch_size", BENCH_BATCH_SIZE),
     "meta_update_interval": _legacy_setting("meta_update_interval", 1),
 }

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-from .config import DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
+from .config import MLCTrainingArguments
+from .data_config import DataArguments, ModelArguments, NoiseArguments
 from .meta_net import LabelCorrector
 from .trainer import MLCTrainer
 

@@ -1,6 +1,6 @@
 """
 The recipes' arguments, shared by `recipes/*.py` and the `mlc-text` command: one [`~transformers.HfArgumentParser`]
-over the four dataclasses of config.py, whose `--help` shows MLC's own fields first ([`build_parser`]); parsing from
+over the four dataclasses of config.py and data_config.py, whose `--help` shows MLC's own fields first ([`build_parser`]); parsing from
 the command line or one `.json` / `.yaml` file over a recipe's defaults ([`parse_args`]); and the defaults the recipes
 share ([`RECIPE_DEFAULTS`], [`EVALUATION_DEFAULTS`]).
 """
@@ -17,7 +17,8 @@ from typing import Any, get_type_hints
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .config import DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
+from .config import MLCTrainingArguments
+from .data_config import DataArguments, ModelArguments, NoiseArguments
 
 __all__ = [
     "ARGUMENT_CLASSES",

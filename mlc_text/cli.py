@@ -5,7 +5,8 @@ The `mlc-text` command, in the style of `trl sft` and `accelerate launch`:
     mlc-text compare --methods finetune,mlc --train_file my/train.csv   # several on one split (= recipes/compare.py)
     mlc-text train --help                                               # every argument, MLC's own first
 
-Both commands take the recipes' arguments (the four dataclasses of `mlc_text/config.py`) on the command line or
+Both commands take the recipes' arguments (the four dataclasses of `mlc_text/config.py` and
+`mlc_text/data_config.py`) on the command line or
 from one `.json` / `.yaml` file, and run [`~mlc_text.pipeline.main`] / [`~mlc_text.pipeline.compare`] with the
 recipes' defaults ([`~mlc_text.arguments.RECIPE_DEFAULTS`] and [`~mlc_text.arguments.EVALUATION_DEFAULTS`]).
 """

@@ -27,14 +27,6 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from .config import (
-    VALIDATION_SOURCES,
-    DataArguments,
-    NoiseArguments,
-    _check_fraction,
-    _check_integer,
-    _check_max_length,
-)
 from .corpora import (
     CORPORA,
     DATA_EXTENSIONS,
@@ -45,6 +37,14 @@ from .corpora import (
     load_corpus,
     load_user_files,
     resolve_data_dir,
+)
+from .data_config import (
+    VALIDATION_SOURCES,
+    DataArguments,
+    NoiseArguments,
+    _check_fraction,
+    _check_integer,
+    _check_max_length,
 )
 from .noisy_labels import (
     _realised,

@@ -26,8 +26,9 @@ from transformers import (
 )
 
 from .arguments import EVALUATION_DEFAULTS, RECIPE_DEFAULTS, parse_args  # noqa: F401  (importable from here)
-from .config import DataArguments, MLCTrainingArguments, ModelArguments, NoiseArguments
+from .config import MLCTrainingArguments
 from .data import NoisyCorpus, prepare_corpus, save_noise_report, tokenize_corpus
+from .data_config import DataArguments, ModelArguments, NoiseArguments
 from .methods import METHODS, MODEL_INPUTS, REGISTRY, MethodContext, get_method
 from .metrics import build_compute_metrics
 from .reporting import (

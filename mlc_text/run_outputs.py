@@ -134,9 +134,16 @@ def write_outputs(
         method=training_args.method,
         metrics=metrics.get("test", {}),
         correction_accuracy=correction_accuracy,
-        training_args=training_args,
+        training_args=_as_run(training_args, trainer),
     )
     return results
+
+
+def _as_run(training_args, trainer) -> dict:
+    """The training arguments as the run used them: `clean_batch_size=None` resolved to the trainer's batch."""
+    resolved = training_args.to_dict()
+    resolved["clean_batch_size"] = getattr(trainer, "clean_batch_size", None)  # None: a method without clean batches
+    return resolved
 
 
 def _plot_learning_curves(trainer, corpus: NoisyCorpus, noise: dict[str, Any], path: str) -> None:

@@ -10,7 +10,6 @@ from datasets import Dataset
 from transformers import BertTokenizerFast
 
 import mlc_text.data as data_module
-from mlc_text.config import DataArguments, NoiseArguments
 from mlc_text.data import (
     CORPORA,
     NoisyCorpus,
@@ -23,6 +22,7 @@ from mlc_text.data import (
     split_clean_noisy,
     tokenize_corpus,
 )
+from mlc_text.data_config import DataArguments, NoiseArguments
 
 WORDS = ["good", "bad", "movie", "food", "great", "awful", "service", "plot", "long", "short"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlc_text.config import NoiseArguments
 from mlc_text.data import add_label_noise, prepare_corpus
+from mlc_text.data_config import NoiseArguments
 from mlc_text.instance_noise import instance_dependent_noise, weak_model_probabilities
 
 WORDS = [["goal", "match", "team"], ["stock", "market", "shares"], ["chip", "software", "market"]]
@@ -60,7 +60,7 @@ def test_add_label_noise_instance_reports_the_realised_noise():
 
 
 def test_prepare_corpus_with_instance_noise(data_dir):
-    from mlc_text.config import DataArguments
+    from mlc_text.data_config import DataArguments
 
     args = DataArguments(corpus="yelp_review_full", data_dir=data_dir, num_clean_per_class=10, validation_size=50)
     corpus = prepare_corpus(args, NoiseArguments(noise_type="instance", noise_rate=0.4))
