@@ -324,7 +324,11 @@ def appendix_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     rest = [(cell, methods) for cell, methods in cells.items() if not has_headroom(methods)]
     if not rest:
         return []
-    names = [name for name in METHOD_ORDER if name != "mlc" and any(name in methods for _, methods in rest)]
+    names = [
+        name
+        for name in METHOD_ORDER
+        if name != "mlc" and any(name in methods or f"{name} (bf16)" in methods for _, methods in rest)
+    ]
     lines = [
         "| cell | seeds | " + " | ".join(names) + " | best MLC run |",
         "|---" * (len(names) + 3) + "|",
@@ -333,10 +337,17 @@ def appendix_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         variants = [name for name in methods if name.startswith("mlc")]
         best = max(variants, key=lambda name: methods[name]["test_accuracy"][0], default=None)
         seeds = max(len(stats["seeds"]) for stats in methods.values())
-        values = [accuracy_of(methods, name) for name in names]
+        values = [_in_any_precision(methods, name) for name in names]
         mlc = f"{accuracy_of(methods, best)} ({best})" if best else "-"
         lines.append(f"| {short_cell(cell)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
     return lines
+
+
+def _in_any_precision(methods: dict[str, dict], name: str) -> str:
+    """A method's accuracy in float32, else in bf16 marked as such (a cell run in bf16 alone), else `-`."""
+    if name not in methods and f"{name} (bf16)" in methods:
+        return f"{accuracy_of(methods, f'{name} (bf16)')} (bf16)"
+    return accuracy_of(methods, name)
 
 
 def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:

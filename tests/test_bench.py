@@ -426,6 +426,15 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     )
 
 
+def test_appendix_shows_a_baseline_run_in_bf16_alone_marked_as_such():
+    report = load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.88, "finetune": 0.84, "oracle": 0.89}, noise_rate=0.6)
+    for row in rows:
+        row["precision"] = "bf16" if row["method"] == "clean_only" else "fp32"
+    line = next(line for line in report.appendix_table(report.summarise(rows)) if "flip 0.6" in line)
+    assert "| 88.1 ± 0.1 (bf16) | 84.1 ± 0.1 |" in line
+
+
 def test_cell_commands_reproduce_the_cell(data_dir):
     accuracy, report = load("accuracy"), load("report")
     rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, 'mlc[skip_connection="per_example"]': 0.86})
