@@ -1,7 +1,7 @@
 """
 The clean (trusted) batch drawn beside each noisy batch: an endless, seeded, epoch-shuffled stream of clean batches,
-sharded across processes, with a resumable position ([`CleanBatchIterator`]), and the pair of batches one training
-step works on ([`MetaBatch`]).
+sharded across processes, with a resumable position ([`CleanBatchIterator`]), the pair of batches one training
+step works on ([`MetaBatch`]), and the two as one batch ([`join_inputs`]).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CleanBatchIterator", "MetaBatch"]
+__all__ = ["CleanBatchIterator", "MetaBatch", "join_inputs"]
 
 
 class CleanBatchIterator:
@@ -108,3 +108,27 @@ class MetaBatch:
         if self.meta_inputs is None:
             return self.clean_inputs, self.clean_labels
         return self.meta_inputs, self.meta_labels
+
+
+def join_inputs(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], pad_token_id: int | None = 0
+) -> dict[str, torch.Tensor]:
+    """
+    Two collated batches as one, `first`'s rows first: each `(rows, length)` tensor is right-padded to the longer
+    length (`input_ids` with `pad_token_id`, every other input, the attention mask among them, with 0), so that an
+    encoder that masks padding gives every row the outputs it gets in its own batch.
+
+    Raises:
+        `ValueError`: if the batches hold different inputs.
+    """
+    if first.keys() != second.keys():
+        raise ValueError(f"cannot join batches with different inputs: {sorted(first)} and {sorted(second)}")
+    joined = {}
+    for name, a in first.items():
+        b = second[name]
+        if a.dim() == 2 and a.shape[1] != b.shape[1]:
+            value = (pad_token_id or 0) if name == "input_ids" else 0
+            length = max(a.shape[1], b.shape[1])
+            a, b = (torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value) for t in (a, b))
+        joined[name] = torch.cat([a, b])
+    return joined

@@ -52,6 +52,7 @@ from .autodiff import (  # noqa: F401
     _rng_state,
     _scaled,
     _unscale_,
+    _upcast,
     finite_difference_step,
     logits_finite_difference,
     logits_jvp,
@@ -59,7 +60,7 @@ from .autodiff import (  # noqa: F401
     soft_cross_entropy,
     trainable_parameters,
 )
-from .clean_batches import MetaBatch
+from .clean_batches import MetaBatch, join_inputs
 from .l2rw import l2rw_weights
 from .lookahead import LookaheadBuffer, _discount, discount_factor
 from .main_loss import MainLossWeights
@@ -271,22 +272,63 @@ def corrected_label_step(
     """
     The main-net half of a step without the meta step (between meta updates, `meta_update_interval > 1`): the
     gradient of the main loss against the current corrector's labels. `meta_grads` is empty, `clean_loss` is NaN.
-    `carried_clean_pass`, `loss_scale`: as in [`meta_step`].
+    `carried_clean_pass`, `loss_scale`: as in [`meta_step`]. With the clean term and no carried pass, the noisy and
+    clean rows go through the model as one batch ([`_joined_main_loss_and_grads`]): one forward and backward, not two.
     """
-    main = _main_loss_and_grads(
-        model,
-        corrector,
-        head,
-        batch,
-        clean_in_main_loss=clean_in_main_loss,
-        autocast=autocast,
-        carried=carried_clean_pass,
-        loss_scale=loss_scale,
-    )
-    _reduce_dict(reduce, main.main_grads)
+    if clean_in_main_loss and carried_clean_pass is None:
+        main_grads, main_loss, corrected = _joined_main_loss_and_grads(
+            model, corrector, head, batch, autocast=autocast, loss_scale=loss_scale
+        )
+    else:
+        main = _main_loss_and_grads(
+            model,
+            corrector,
+            head,
+            batch,
+            clean_in_main_loss=clean_in_main_loss,
+            autocast=autocast,
+            carried=carried_clean_pass,
+            loss_scale=loss_scale,
+        )
+        main_grads, main_loss, corrected = main.main_grads, main.main_loss, main.corrected
+    _reduce_dict(reduce, main_grads)
     nan = torch.tensor(float("nan"))
     overflow = _found_inf(loss_scale, reduce)
-    return MetaStepOutput(main.main_grads, [], main.main_loss, nan, main.corrected.detach(), None, overflow=overflow)
+    return MetaStepOutput(main_grads, [], main_loss, nan, corrected.detach(), None, overflow=overflow)
+
+
+def _joined_main_loss_and_grads(
+    model: nn.Module,
+    corrector: nn.Module,
+    head: nn.Module,
+    batch: MetaBatch,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_scale: LossScale | None = None,
+) -> tuple[ParamDict, torch.Tensor, torch.Tensor]:
+    """
+    The main loss at w with its clean term ([`MainLossWeights`]: every row counts once) and its gradient, from one
+    forward and backward over the noisy and clean rows joined into one batch ([`join_inputs`]); the corrector reads
+    the noisy rows' features. The same loss and gradient as [`_main_loss_and_grads`] up to rounding (and dropout's
+    draws); a step that needs the noisy part's gradient alone (the meta step) cannot use it.
+
+    Returns:
+        `(main_grads, main_loss, corrected)`: the detached gradient by name, the loss and the corrected labels.
+    """
+    params = trainable_parameters(model)
+    num_noisy = len(batch.noisy_labels)
+    inputs = join_inputs(batch.noisy_inputs, batch.clean_inputs, getattr(model.config, "pad_token_id", 0))
+    with autocast(), capture_head_features(head) as store:
+        logits = model(**inputs).logits
+    corrected = corrector(store["features"][:num_noisy], batch.noisy_labels)
+    weights = MainLossWeights.for_rows(num_noisy, len(batch.clean_labels))
+    noisy_loss = soft_cross_entropy(logits[:num_noisy], corrected.detach())
+    clean_loss = nn.functional.cross_entropy(_upcast(logits[num_noisy:]), batch.clean_labels)
+    loss = weights.noisy * noisy_loss + weights.clean * clean_loss
+    grads = torch.autograd.grad(_scaled(loss, loss_scale), list(params.values()), allow_unused=True)
+    main_grads = _named(params, grads)
+    _unscale_(main_grads, loss_scale)
+    return main_grads, loss.detach(), corrected
 
 
 def meta_step(

@@ -5,11 +5,15 @@ import copy
 import pytest
 import torch
 
+from mlc_text.clean_batches import join_inputs
 from mlc_text.meta_grad import (
     LookaheadBuffer,
+    LossScale,
     MetaBatch,
+    _main_loss_and_grads,
     check_optimizer,
     clip_coefficient,
+    corrected_label_step,
     discount_factor,
     loss_and_grads,
     meta_step,
@@ -587,3 +591,31 @@ def test_unit_norm_keeps_the_direction_of_the_meta_gradient():
     torch.testing.assert_close(unit_norm([grad * 1e-6 for grad in grads])[0], unit[0])
     zeros = unit_norm([torch.zeros(3)])[0]
     assert torch.equal(zeros, torch.zeros(3))  # no NaN from a zero meta-gradient
+
+
+def test_join_inputs_right_pads_the_shorter_batch():
+    first = {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    second = {"input_ids": torch.tensor([[5], [6]]), "attention_mask": torch.tensor([[1], [1]])}
+    joined = join_inputs(first, second, pad_token_id=3)
+    assert joined["input_ids"].tolist() == [[7, 8, 9], [5, 3, 3], [6, 3, 3]]
+    assert joined["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    with pytest.raises(ValueError, match=r"different inputs: \['attention_mask', 'input_ids'\] and \['input_ids'\]"):
+        join_inputs(first, {"input_ids": second["input_ids"]})
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_step_without_meta_update_runs_noisy_and_clean_rows_as_one_batch(attn_implementation, scaled):
+    # One forward/backward over the joined rows gives the main loss and gradient of the two separate passes, also
+    # when the clean batch is shorter (padded to the noisy one's length) and under loss scaling.
+    model, corrector, _, batch = make_setup("adamw", attn_implementation=attn_implementation)
+    batch.clean_inputs = random_inputs(5, length=6, seed=13)
+    head = find_head_module(model)
+    separate = _main_loss_and_grads(model, corrector, head, batch)
+    scale = LossScale(1024.0) if scaled else None
+    joined = corrected_label_step(model, corrector, head, batch, loss_scale=scale)
+    torch.testing.assert_close(joined.main_loss, separate.main_loss, rtol=1e-10, atol=1e-12)
+    for name, grad in separate.main_grads.items():
+        torch.testing.assert_close(joined.main_grads[name], grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(joined.corrected_labels, separate.corrected.detach())
+    assert not joined.overflow
