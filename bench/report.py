@@ -5,16 +5,16 @@ Summarises `bench/results/accuracy.jsonl` (written by `bench/accuracy.py`) into 
 Per cell (corpus x model x noise x clean rows x epochs) and method: mean +- standard deviation of test accuracy over
 seeds, the share of the clean_only-to-oracle gap that the method recovers, the corrector's accuracy on the noisy rows
 (MLC) and wall time. Cells where the oracle is at least 4 points above clean_only (room for a method to show its
-value) get a table each, with the command that reproduces them, and MLC's accuracy targets are checked over them;
-the other cells share one appendix table. The generated part of docs/RESULTS.md sits between two marker comments; the
-text around them is kept, so the written conclusions survive a regeneration. README.md's results table (between its
-own markers) is regenerated too when README.md has them.
+value) get a table each, with the command that reproduces them, and MLC's accuracy targets are checked over them.
+MLC's ablation runs and the other cells go to a second page beside it, docs/ABLATIONS.md. The generated part of each
+page sits between two marker comments; the text around them is kept, so the written conclusions survive a
+regeneration. README.md's results table (between its own markers) is regenerated too when README.md has them.
 
-Given `--memorisation` (the output of `bench/memorisation.py` for the same runs), the block also gets, per cell and
-method, how much of the label noise the final models learned, seed by seed; given `--train_logs` (the output of
-`bench/train_logs.py`), what L2RW's weights and MLC's corrector did to the noisy rows while they trained.
+Given `--memorisation` (the output of `bench/memorisation.py` for the same runs), docs/ABLATIONS.md also gets, per
+cell and method, how much of the label noise the final models learned, seed by seed; given `--train_logs` (the output
+of `bench/train_logs.py`), what L2RW's weights and MLC's corrector did to the noisy rows while they trained.
 
-    python bench/report.py --readme README.md   # what docs/RESULTS.md and README.md show; plots to docs/figures
+    python bench/report.py --readme README.md   # docs/RESULTS.md, docs/ABLATIONS.md, README.md; plots to docs/figures
     # ... with what the final models memorised and what the correctors did (longer):
     python bench/report.py --memorisation bench/results/memorisation-cpu.jsonl --train_logs bench/results/train_logs-cpu.jsonl
 """
@@ -54,6 +54,8 @@ METHOD_ORDER = (
 # The oracle at least this far above clean_only: a cell where a method's use of the noisy rows can show.
 HEADROOM = 0.04
 README_BEGIN, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+# The second page the report writes, beside RESULTS.md: what a reader of the headline tables does not need.
+DETAILS_MD, DETAILS_TITLE = "ABLATIONS.md", "MLC's ablations and the cells without headroom"
 REFERENCE_LINES = {"clean_only": "--", "oracle": ":"}  # drawn as lines across each noise setting in the plots
 
 
@@ -609,9 +611,8 @@ def render(
     figure_paths: list[Path],
     results_md: Path,
     source: str,
-    memorised: list[dict] = (),
-    train_logs: list[dict] = (),
 ) -> str:
+    """The generated block of RESULTS.md: the targets, one table per cell with headroom, its commands, the figures."""
     wall = sum(row["wall_s"] for row in rows) / 3600
     headroom = {cell: methods for cell, methods in cells.items() if has_headroom(methods)}
     parts = [
@@ -620,12 +621,8 @@ def render(
         f"{len(rows)} runs from `{source}` ({wall:.1f} h of wall time). Accuracies in %, mean ± standard deviation over "
         "the seeds listed (no ± with one seed). Every method: the same encoder, clean rows, noisy labels and number "
         "of noisy-row steps; the final checkpoint, scored once on the test split. Share of gap = (method − "
-        "clean_only) / (oracle − clean_only). `mlc` is MLC at the package defaults; `mlc@rate[settings]` are its "
-        "ablation runs.",
-        "",
-        f"The runs come from {len({row['code_version'] for row in rows if row.get('code_version')})} "
-        "commits (each row's `code_version`). A row `mlc@R[S]` is reproduced by the cell's `--methods mlc` command "
-        "with `--meta_learning_rates R --mlc_settings S` (the settings as `KEY=VALUE` words).",
+        "clean_only) / (oracle − clean_only). `mlc` is MLC at the package defaults; its ablation runs and the cells "
+        f"without headroom are in [{DETAILS_MD}]({DETAILS_MD}).",
         "",
         "### Targets",
         "",
@@ -641,7 +638,23 @@ def render(
         line = verdict(cell, methods)
         parts += [line, ""] if line else []
         parts += ["```bash", *cell_commands(cell, methods, variants=False), "```", ""]
-    parts += [
+    parts += [f"![{path.stem}]({os.path.relpath(path, results_md.parent)})" for path in figure_paths]
+    return "\n".join([*parts, END])
+
+
+def render_details(
+    rows: list[dict], cells, source: str, memorised: list[dict] = (), train_logs: list[dict] = ()
+) -> str:
+    """The generated block of the details page: MLC's ablations, the cells without headroom, the per-run tables."""
+    headroom = {cell: methods for cell, methods in cells.items() if has_headroom(methods)}
+    parts = [
+        BEGIN,
+        "",
+        f"From `{source}`, as docs/RESULTS.md. The runs come from "
+        f"{len({row['code_version'] for row in rows if row.get('code_version')})} commits (each row's "
+        "`code_version`). A row `mlc@R[S]` is reproduced by its cell's `--methods mlc` command in docs/RESULTS.md "
+        "with `--meta_learning_rates R --mlc_settings S` (the settings as `KEY=VALUE` words).",
+        "",
         "### MLC's ablations",
         "",
         "Mean test accuracy (number of seeds) and, after it, the mean difference to the defaults (`mlc`) at the same "
@@ -649,16 +662,16 @@ def render(
         "",
         *ablation_table(headroom),
         "",
+        "### Cells without headroom",
+        "",
+        *appendix_table(cells),
+        "",
     ]
-    for path in figure_paths:
-        parts.append(f"![{path.stem}]({os.path.relpath(path, results_md.parent)})")
-    parts += ["", "### Appendix: cells without headroom", "", *appendix_table(cells), ""]
     if memorised:
         parts += memorisation_tables(memorised)
     if train_logs:
         parts += train_log_tables(train_logs)
-    parts += [END]
-    return "\n".join(parts)
+    return "\n".join([*parts, END])
 
 
 def replace_block(path: Path, begin: str, end: str, block: str) -> None:
@@ -667,6 +680,15 @@ def replace_block(path: Path, begin: str, end: str, block: str) -> None:
     if begin not in text or end not in text:
         raise SystemExit(f"{path} has no generated block ({begin!r} ... {end!r}); add the two markers")
     path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end) :])
+
+
+def write_block(path: Path, title: str, block: str) -> None:
+    """The generated `block` into `path` between its markers, or a new file with `title` and the block."""
+    if path.exists():
+        replace_block(path, BEGIN, END, block)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {title}\n\n{block}\n")
 
 
 def main(argv=None) -> None:
@@ -700,17 +722,14 @@ def main(argv=None) -> None:
     results_md = Path(args.results_md)
     figure_paths = plot(cells, Path(args.figures))
     source = os.path.relpath(args.input, results_md.parent.parent)
-    block = render(rows, cells, figure_paths, results_md, source, memorised, train_logs)
-    if results_md.exists():
-        replace_block(results_md, BEGIN, END, block)
-    else:
-        results_md.parent.mkdir(parents=True, exist_ok=True)
-        results_md.write_text(f"# Accuracy results\n\n{block}\n")
+    details_md = results_md.parent / DETAILS_MD
+    write_block(results_md, "Accuracy results", render(rows, cells, figure_paths, results_md, source))
+    write_block(details_md, DETAILS_TITLE, render_details(rows, cells, source, memorised, train_logs))
     readme = results_md.resolve().parent.parent / "README.md" if args.readme is None else Path(args.readme)
     readme = readme if args.readme != "" else None
     if readme is not None and readme.exists() and README_BEGIN in readme.read_text():
         replace_block(readme, README_BEGIN, README_END, f"{README_BEGIN}\n{readme_table(cells)}\n{README_END}")
-    print(f"wrote {results_md} and {len(figure_paths)} figure(s) in {args.figures}")
+    print(f"wrote {results_md}, {details_md} and {len(figure_paths)} figure(s) in {args.figures}")
 
 
 if __name__ == "__main__":

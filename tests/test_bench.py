@@ -232,6 +232,7 @@ def test_report_means_and_gap_share(tmp_path):
     assert methods["mlc"]["gap_recovered"] == pytest.approx((0.85 - 0.80) / (0.90 - 0.80))
     text = results_md.read_text()
     assert "kept above" in text and "kept below" in text and "old" not in text
+    assert "### MLC's ablations" not in text and f"]({report.DETAILS_MD})" in text
     assert "| mlc | 0,1 | 85.0 ± 1.4 |" in text and "MLC − finetune per seed: +14.0, +12.0 points" in text
     assert (tmp_path / "accuracy_ag_news_m.png").read_bytes()[:4] == b"\x89PNG"
     # one figure per corpus (and model) with every cell that has headroom: both noise settings share it
@@ -244,6 +245,9 @@ def test_report_means_and_gap_share(tmp_path):
     # a cell whose oracle is less than 4 points above clean_only has no room to show a method: no figure
     flat = [{**row, "test_accuracy": 0.82} if row["method"] == "oracle" else row for row in rows]
     assert report.plot(report.summarise(flat), tmp_path / "flat") == []
+    # the per-run tables go to the details page beside RESULTS.md, created with its title
+    text = (tmp_path / report.DETAILS_MD).read_text()
+    assert text.startswith(f"# {report.DETAILS_TITLE}\n") and "### Cells without headroom" in text
     # per seed, seeds in order, under the cell's own title
     assert "##### ag_news, flip noise 0.4, 100 clean rows per class, 1 epoch(s), 2000 training rows, m" in text
     assert "| mlc | 0,1 | 40, 41 | 5.0, 12.5 | 80.0, 80.0 | 90.0, 90.0 | -, - | 84.00, 86.00 |" in text
