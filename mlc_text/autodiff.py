@@ -23,6 +23,7 @@ __all__ = [
     "soft_cross_entropy",
     "LossScale",
     "loss_and_grads",
+    "unscaled_grads",
     "logits_jvp",
     "logits_finite_difference",
     "finite_difference_step",
@@ -121,9 +122,17 @@ def loss_and_grads(
     else:
         losses = nn.functional.cross_entropy(_upcast(logits), labels, reduction="none")
         loss = (weights.to(losses.dtype) * losses).sum()
+    return loss.detach(), unscaled_grads(loss, leaves, loss_scale)
+
+
+def unscaled_grads(loss: torch.Tensor, leaves: dict[str, torch.Tensor], loss_scale: LossScale | None) -> ParamDict:
+    """
+    The gradient of `loss` with respect to `leaves`, by name (zeros where unused): with `loss_scale` (fp16), from the
+    scaled loss's backward, unscaled, inf / NaN recorded.
+    """
     grads = _named(leaves, torch.autograd.grad(_scaled(loss, loss_scale), list(leaves.values()), allow_unused=True))
     _unscale_(grads, loss_scale)
-    return loss.detach(), grads
+    return grads
 
 
 def _named(leaves: dict[str, torch.Tensor], grads) -> ParamDict:

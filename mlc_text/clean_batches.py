@@ -111,11 +111,11 @@ class MetaBatch:
 
 
 def join_inputs(
-    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], pad_token_id: int | None = 0
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], pad_token_id: int | None = None
 ) -> dict[str, torch.Tensor]:
     """
     Two collated batches as one, `first`'s rows first: each `(rows, length)` tensor is right-padded to the longer
-    length (`input_ids` with `pad_token_id`, every other input, the attention mask among them, with 0), so that an
+    length (`input_ids` with `pad_token_id`, 0 when it is `None`, every other input, the attention mask among them, with 0), so that an
     encoder that masks padding gives every row the outputs it gets in its own batch.
 
     Raises:

@@ -59,6 +59,7 @@ from .autodiff import (  # noqa: F401
     loss_and_grads,
     soft_cross_entropy,
     trainable_parameters,
+    unscaled_grads,
 )
 from .clean_batches import MetaBatch, join_inputs
 from .l2rw import l2rw_weights
@@ -317,7 +318,7 @@ def _joined_main_loss_and_grads(
     """
     params = trainable_parameters(model)
     num_noisy = len(batch.noisy_labels)
-    inputs = join_inputs(batch.noisy_inputs, batch.clean_inputs, getattr(model.config, "pad_token_id", 0))
+    inputs = join_inputs(batch.noisy_inputs, batch.clean_inputs, getattr(model.config, "pad_token_id", None))
     with autocast(), capture_head_features(head) as store:
         logits = model(**inputs).logits
     corrected = corrector(store["features"][:num_noisy], batch.noisy_labels)
@@ -325,10 +326,7 @@ def _joined_main_loss_and_grads(
     noisy_loss = soft_cross_entropy(logits[:num_noisy], corrected.detach())
     clean_loss = nn.functional.cross_entropy(_upcast(logits[num_noisy:]), batch.clean_labels)
     loss = weights.noisy * noisy_loss + weights.clean * clean_loss
-    grads = torch.autograd.grad(_scaled(loss, loss_scale), list(params.values()), allow_unused=True)
-    main_grads = _named(params, grads)
-    _unscale_(main_grads, loss_scale)
-    return main_grads, loss.detach(), corrected
+    return unscaled_grads(loss, params, loss_scale), loss.detach(), corrected
 
 
 def meta_step(
