@@ -4,7 +4,7 @@ steps.
 
     python bench/step_cost.py                 # MiniLM-L6 at lengths 64 and 128, a tiny BERT, then the epoch cost
     python bench/step_cost.py --quick         # MiniLM-L6, batch 32, length 64: step table and epoch cost
-    python bench/step_cost.py --epoch         # only the epoch cost (meta_update_interval 1, 2, 5)
+    python bench/step_cost.py --epoch         # only the epoch cost (meta_update_interval 1, 2, 5, 10)
     python bench/step_cost.py --quick --docs  # ... and write the tables into docs/PERFORMANCE.md
     python bench/step_cost.py --docs-only     # the tables of the JSON already in bench/results, into the docs
     python bench/step_cost.py --device cuda --model bert-base-random   # BERT-base shape, random weights, bf16
@@ -26,7 +26,7 @@ waits for its turn at `on_step_begin`), so that drift of a shared machine hits e
 measured in a fresh subprocess per path (the RSS high-water mark only grows): peak RSS minus the RSS before the first
 step, optimizer states already allocated; on CUDA `max_memory_allocated` minus the memory allocated before it.
 
-The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2 and 5; `fd` also with half the
+The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2, 5 and 10; `fd` also with half the
 clean batch at each interval) the same way over
 `--epoch-steps` steps each (a whole number of meta-update cycles) and extrapolates each to an epoch of
 `EPOCH_ROWS` noisy rows (+ `EPOCH_CLEAN_ROWS` trusted rows in fine-tuning's epoch). Results go to `bench/results/`.
@@ -94,7 +94,7 @@ NUM_LABELS = 4
 MODELS = ("minilm", "tiny-bert", "bert-base-random")
 PATHS = ("plain", "jvp", "fd", "fd_central", "reference")
 VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss", "full_clean_batch")
-INTERVALS = (1, 2, 5)
+INTERVALS = (1, 2, 5, 10)
 EPOCH_GRADIENTS = ("jvp", "fd")
 # A setting of the cases, not of MLCTrainingArguments: clean_batch_size = the batch size (the default is half of it).
 FULL_CLEAN_BATCH = "full_clean_batch"
@@ -661,7 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer before the timed ones")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each type (the median is reported)")
-    parser.add_argument("--epoch-steps", type=int, default=10, help="timed steps of each trainer in the epoch cost")
+    parser.add_argument("--epoch-steps", type=int, default=20, help="timed steps of each trainer in the epoch cost")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="MiniLM at length 64 only")

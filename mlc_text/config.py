@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .meta_grad import META_GRADIENT_CHOICES
-from .meta_net import SKIP_CONNECTIONS, normalise_skip_connection
+from .meta_net import CORRECTOR_TEACHERS, SKIP_CONNECTIONS, normalise_skip_connection
 from .methods import METHODS, REGISTRY, get_method
 
 __all__ = [
@@ -78,6 +78,12 @@ class MLCTrainingArguments(TrainingArguments):
         skip_init (`float`, *optional*, defaults to `2.0`):
             Starting logit of s (0: s = 0.5; the default 2.0: s = 0.88, so the run starts near the given labels and
             the corrector moves a row away from its label only as the meta-gradient asks).
+        corrector_teacher (`str`, *optional*, defaults to `"none"`):
+            What the corrector's class distribution g starts from: `"none"`, its MLP alone (the paper's); `"main_net"`,
+            the main net's own detached prediction for the row, g = softmax(main logits + MLP output), the MLP's class
+            outputs starting at zero (Enhanced MLC's teacher distribution with the main net as its teacher). With the
+            skip weight s the target is then s * onehot(given) + (1 - s) * that prediction, and the meta-gradient
+            learns s per row and the MLP's correction of the prediction.
         skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the global skip weight alone (its logit); `None` uses `meta_learning_rate`. Adam moves
             the logit by about one learning rate per step whatever the gradient's size, so at the learning rates that
@@ -174,6 +180,10 @@ class MLCTrainingArguments(TrainingArguments):
         },
     )
     skip_init: float = field(default=2.0, metadata={"help": "Starting logit of the skip weight (0: 0.5, 2: 0.88)."})
+    corrector_teacher: str = field(
+        default="none",
+        metadata={"help": f"What the corrector's class distribution starts from: {', '.join(CORRECTOR_TEACHERS)}."},
+    )
     skip_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the global skip weight alone (None: meta_learning_rate)."},
@@ -244,6 +254,19 @@ class MLCTrainingArguments(TrainingArguments):
         if not self.meta_learning_rate > 0:
             raise ValueError(f"meta_learning_rate must be > 0, got {self.meta_learning_rate}")
         self.skip_connection = normalise_skip_connection(self.skip_connection)
+        if self.corrector_teacher not in CORRECTOR_TEACHERS:
+            raise ValueError(
+                f"corrector_teacher must be one of {', '.join(CORRECTOR_TEACHERS)}, got {self.corrector_teacher!r}"
+            )
+        if self.corrector_teacher != "none" and (
+            self.corrector_warm_start_steps or self.corrector_supervision_interval
+        ):
+            raise ValueError(
+                f"corrector_teacher={self.corrector_teacher!r} is not accepted with corrector_warm_start_steps="
+                f"{self.corrector_warm_start_steps} or corrector_supervision_interval="
+                f"{self.corrector_supervision_interval} (the supervised corrector reads no main-net logits); set "
+                "those to 0"
+            )
         if self.meta_split not in META_SPLITS:
             raise ValueError(f"meta_split must be one of {', '.join(META_SPLITS)}, got {self.meta_split!r}")
         if not 0.0 < self.meta_split_fraction < 1.0:

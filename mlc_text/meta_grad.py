@@ -65,7 +65,7 @@ from .clean_batches import MetaBatch, join_inputs
 from .l2rw import l2rw_weights
 from .lookahead import LookaheadBuffer, _discount, discount_factor
 from .main_loss import MainLossWeights
-from .meta_net import capture_head_features
+from .meta_net import capture_head_features, correct
 from .virtual_step import (  # noqa: F401
     SUPPORTED_OPTIMIZERS,
     ParamDict,
@@ -215,7 +215,7 @@ def _main_loss_and_grads(
     attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
     with attention, autocast(), capture_head_features(head) as store:
         noisy_logits = model(**batch.noisy_inputs).logits
-    corrected = corrector(store["features"], batch.noisy_labels)
+    corrected = correct(corrector, store["features"], batch.noisy_labels, noisy_logits)
     noisy_loss = soft_cross_entropy(noisy_logits, corrected if create_graph else corrected.detach())
 
     num_clean = carried.num_rows if use_carried else len(batch.clean_labels)
@@ -321,7 +321,7 @@ def _joined_main_loss_and_grads(
     inputs = join_inputs(batch.noisy_inputs, batch.clean_inputs, getattr(model.config, "pad_token_id", None))
     with autocast(), capture_head_features(head) as store:
         logits = model(**inputs).logits
-    corrected = corrector(store["features"][:num_noisy], batch.noisy_labels)
+    corrected = correct(corrector, store["features"][:num_noisy], batch.noisy_labels, logits[:num_noisy])
     weights = MainLossWeights.for_rows(num_noisy, len(batch.clean_labels))
     noisy_loss = soft_cross_entropy(logits[:num_noisy], corrected.detach())
     clean_loss = nn.functional.cross_entropy(_upcast(logits[num_noisy:]), batch.clean_labels)

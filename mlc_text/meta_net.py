@@ -21,6 +21,8 @@ __all__ = [
     "head_features",
     "CORRECTOR_WEIGHTS_NAME",
     "SKIP_CONNECTIONS",
+    "CORRECTOR_TEACHERS",
+    "correct",
     "normalise_skip_connection",
     "warm_start_corrector",
 ]
@@ -34,6 +36,11 @@ HEAD_MODULE_NAMES = ("pre_classifier", "classifier")
 # How the corrected label is anchored to the given one: not at all, by one learned weight for every row, or by a
 # weight per row (one extra output unit, as the authors' `--skip`).
 SKIP_CONNECTIONS = ("none", "global", "per_example")
+
+# What the corrector's class distribution starts from: nothing (its MLP alone, the paper's), or the main net's own
+# detached prediction for the row, to which the MLP adds (Enhanced MLC's teacher distribution, the main net its own
+# teacher instead of a second network).
+CORRECTOR_TEACHERS = ("none", "main_net")
 
 
 def normalise_skip_connection(value: str | bool) -> str:
@@ -63,6 +70,10 @@ class LabelCorrector(nn.Module):
             the given label of one row and replace that of another. `True` / `False` mean `"global"` / `"none"`.
         skip_init (`float`, defaults to 0.0): Starting logit of `s` (the extra unit's bias for `"per_example"`);
             0 trusts the given label half-way, 2 about 0.88.
+        teacher (`str`, defaults to `"none"`): `"main_net"`: `g = softmax(main logits + MLP output)`, the main net's
+            detached logits for the row (passed as `main_logits`) plus the MLP's; the MLP's class outputs start at
+            zero, so that g starts as the main net's own prediction (Enhanced MLC's teacher, without a second
+            network). `"none"`: `g = softmax(MLP output)`.
     """
 
     def __init__(
@@ -73,10 +84,13 @@ class LabelCorrector(nn.Module):
         label_embedding_size: int = 128,
         skip_connection: str | bool = "none",
         skip_init: float = 0.0,
+        teacher: str = "none",
     ):
         super().__init__()
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        if teacher not in CORRECTOR_TEACHERS:
+            raise ValueError(f"teacher must be one of {', '.join(CORRECTOR_TEACHERS)}, got {teacher!r}")
         self.config = {
             "num_labels": num_labels,
             "feature_size": feature_size,
@@ -84,7 +98,9 @@ class LabelCorrector(nn.Module):
             "label_embedding_size": label_embedding_size,
             "skip_connection": normalise_skip_connection(skip_connection),
             "skip_init": float(skip_init),
+            "teacher": teacher,
         }
+        self.reads_main_logits = teacher == "main_net"
         self.skip_connection = self.config["skip_connection"]
         self.num_labels = num_labels
         self.label_embedding = nn.Embedding(num_labels, label_embedding_size)
@@ -100,6 +116,9 @@ class LabelCorrector(nn.Module):
         self._init_weights()
         if self.skip_connection == "per_example":
             nn.init.constant_(self.mlp[-1].bias[-1], float(skip_init))
+        if self.reads_main_logits:  # start from the main net's prediction: no class output of the MLP's own
+            with torch.no_grad():
+                self.mlp[-1].weight[:num_labels].zero_()
         self.last_skip_weight: torch.Tensor | None = None  # mean s of the last call, for logging
 
     def _init_weights(self) -> None:
@@ -109,12 +128,16 @@ class LabelCorrector(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.label_embedding.weight)
 
-    def forward(self, features: torch.Tensor, noisy_labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, noisy_labels: torch.Tensor, main_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             features (`torch.Tensor` of shape `(batch, feature_size)`): The main net's features; detached here so
                 that the meta-gradient never flows into the main net.
             noisy_labels (`torch.LongTensor` of shape `(batch,)`): The given (possibly wrong) labels.
+            main_logits (`torch.Tensor` of shape `(batch, num_labels)`, *optional*): The main net's logits for the
+                rows (detached here); needed, and only read, with `teacher="main_net"`.
 
         Returns:
             `torch.Tensor` of shape `(batch, num_labels)`: corrected labels, rows summing to 1.
@@ -124,7 +147,12 @@ class LabelCorrector(nn.Module):
         # Softmax in float32 at least (bf16 / fp16 autocast), in float64 when the corrector is float64.
         logits = self.mlp(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        corrected = torch.softmax(logits[:, : self.num_labels], dim=-1)
+        class_logits = logits[:, : self.num_labels]
+        if self.reads_main_logits:
+            if main_logits is None:
+                raise ValueError("a corrector with teacher='main_net' needs the main net's logits (main_logits)")
+            class_logits = class_logits + main_logits.detach().to(class_logits.dtype)
+        corrected = torch.softmax(class_logits, dim=-1)
         if self.skip_connection == "none":
             return corrected
         if self.skip_connection == "global":
@@ -175,12 +203,29 @@ class AnchoredCorrector(nn.Module):
     def last_skip_weight(self) -> torch.Tensor | None:
         return getattr(self.corrector, "last_skip_weight", None)
 
-    def forward(self, features: torch.Tensor, noisy_labels: torch.Tensor) -> torch.Tensor:
-        corrected = self.corrector(features, noisy_labels)
+    @property
+    def reads_main_logits(self) -> bool:
+        return getattr(self.corrector, "reads_main_logits", False)
+
+    def forward(self, features: torch.Tensor, noisy_labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        corrected = self.corrector(features, noisy_labels, **kwargs)
         if not self.trust:
             return corrected
         onehot = nn.functional.one_hot(noisy_labels, corrected.shape[-1]).to(corrected.dtype)
         return self.trust * onehot + (1 - self.trust) * corrected
+
+
+def correct(
+    corrector: nn.Module, features: torch.Tensor, noisy_labels: torch.Tensor, main_logits: torch.Tensor
+) -> torch.Tensor:
+    """
+    The corrector's labels for rows with these features, given labels and main-net logits; the logits are passed
+    (detached) only to a corrector that reads them (`reads_main_logits`), so that a corrector of one's own can keep
+    the two-argument call `corrector(features, noisy_labels)`.
+    """
+    if getattr(corrector, "reads_main_logits", False):
+        return corrector(features, noisy_labels, main_logits=main_logits.detach())
+    return corrector(features, noisy_labels)
 
 
 def find_head_module(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from .meta_net import (
     AnchoredCorrector,
     LabelCorrector,
     capture_head_features,
+    correct,
     corrector_param_groups,
     feature_size_of,
     find_head_module,
@@ -142,6 +143,7 @@ class MLCTrainer(CleanDataTrainer):
                 label_embedding_size=self.args.label_embedding_size,
                 skip_connection=self.args.skip_connection,
                 skip_init=self.args.skip_init,
+                teacher=self.args.corrector_teacher,
             )
 
     # ---------------------------------------------------------------------------------------------- the step
@@ -359,8 +361,8 @@ class MLCTrainer(CleanDataTrainer):
             noisy = inputs.pop("labels")
             true = inputs.pop("true_label", torch.full_like(noisy, -1))
             with self.compute_loss_context_manager(), capture_head_features(self.head) as store:
-                self.model(**inputs)
-            corrected = self.corrector(store["features"], noisy)
+                logits = self.model(**inputs).logits
+            corrected = correct(self.corrector, store["features"], noisy, logits)
             for key, value in zip(("corrected", "noisy_labels", "true_labels"), (corrected, noisy, true)):
                 parts[key].append(self.accelerator.gather_for_metrics(value).float().cpu())
         return {key: torch.cat(values).numpy() for key, values in parts.items()}

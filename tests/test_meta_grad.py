@@ -23,7 +23,7 @@ from mlc_text.meta_grad import (
     unit_norm,
     virtual_step,
 )
-from mlc_text.meta_net import LabelCorrector, capture_head_features, find_head_module
+from mlc_text.meta_net import LabelCorrector, capture_head_features, correct, find_head_module
 
 from .conftest import random_inputs, tiny_bert
 
@@ -31,12 +31,23 @@ NUM_LABELS = 3
 
 
 def make_setup(
-    optimizer_name="sgd", dtype=torch.float64, skip_connection=False, dropout=0.0, seed=0, attn_implementation="eager"
+    optimizer_name="sgd",
+    dtype=torch.float64,
+    skip_connection=False,
+    dropout=0.0,
+    seed=0,
+    attn_implementation="eager",
+    teacher="none",
 ):
     model = tiny_bert(NUM_LABELS, seed=seed, dropout=dropout, attn_implementation=attn_implementation)
     model = model.to(dtype).train()
     torch.manual_seed(seed + 1)
-    corrector = LabelCorrector(NUM_LABELS, 32, hidden_size=16, label_embedding_size=8, skip_connection=skip_connection)
+    corrector = LabelCorrector(
+        NUM_LABELS, 32, hidden_size=16, label_embedding_size=8, skip_connection=skip_connection, teacher=teacher
+    )
+    if teacher != "none":  # as after some meta steps: the MLP's own class outputs no longer zero
+        with torch.no_grad():
+            corrector.mlp[-1].weight.normal_(std=0.3)
     corrector = corrector.to(dtype)
     if optimizer_name == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01, nesterov=True)
@@ -76,7 +87,7 @@ def clean_loss_after_virtual_step(model, corrector, optimizer, batch, clean_in_m
     head = find_head_module(model)
     with capture_head_features(head) as store:
         logits = model(**batch.noisy_inputs).logits
-    corrected = corrector(store["features"], batch.noisy_labels)
+    corrected = correct(corrector, store["features"], batch.noisy_labels, logits)
     num_noisy, num_clean = len(batch.noisy_labels), len(batch.clean_labels)
     loss = soft_cross_entropy(logits, corrected)
     if clean_in_main_loss:
@@ -105,19 +116,23 @@ def with_meta_rows(batch: MetaBatch, seed: int = 17) -> MetaBatch:
 
 
 @pytest.mark.parametrize(
-    "optimizer_name,clean_in_main_loss,clipped,skip_connection,meta_rows",
+    "optimizer_name,clean_in_main_loss,clipped,skip_connection,meta_rows,teacher",
     [
-        ("sgd", True, False, "none", False),
-        ("sgd", False, False, "none", False),
-        ("sgd", True, True, "none", False),
-        ("sgd_dampened", False, True, "none", False),
-        ("sgd", True, False, "per_example", False),
-        ("sgd", True, False, "none", True),
-        ("sgd", True, True, "per_example", True),
+        ("sgd", True, False, "none", False, "none"),
+        ("sgd", False, False, "none", False, "none"),
+        ("sgd", True, True, "none", False, "none"),
+        ("sgd_dampened", False, True, "none", False, "none"),
+        ("sgd", True, False, "per_example", False, "none"),
+        ("sgd", True, False, "none", True, "none"),
+        ("sgd", True, True, "per_example", True, "none"),
+        ("sgd", True, False, "per_example", False, "main_net"),
+        ("sgd_dampened", False, True, "global", False, "main_net"),
     ],
 )
-def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss, clipped, skip_connection, meta_rows):
-    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection)
+def test_reference_matches_finite_differences(
+    optimizer_name, clean_in_main_loss, clipped, skip_connection, meta_rows, teacher
+):
+    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection, teacher=teacher)
     if meta_rows:
         batch = with_meta_rows(batch)
     head = find_head_module(model)
@@ -160,9 +175,12 @@ def test_reference_matches_finite_differences(optimizer_name, clean_in_main_loss
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "sgd_dampened", "adamw"])
 @pytest.mark.parametrize("clean_in_main_loss", [True, False])
-@pytest.mark.parametrize("skip_connection", ["none", "global", "per_example"])
-def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection):
-    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection)
+@pytest.mark.parametrize(
+    "skip_connection,teacher",
+    [("none", "none"), ("global", "none"), ("per_example", "none"), ("per_example", "main_net")],
+)
+def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection, teacher):
+    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection, teacher=teacher)
     head = find_head_module(model)
     outputs = {
         path: meta_step(
@@ -230,11 +248,11 @@ FD_TOLERANCE = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("path", ["fd", "fd_central"])
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
-def test_finite_difference_matches_jvp(dtype, path, optimizer_name):
+@pytest.mark.parametrize("optimizer_name,teacher", [("sgd", "none"), ("adamw", "none"), ("adamw", "main_net")])
+def test_finite_difference_matches_jvp(dtype, path, optimizer_name, teacher):
     # Dropout on in float32: the shifted forwards must draw the noisy forward's masks.
     dropout = 0.1 if dtype == torch.float32 else 0.0
-    model, corrector, optimizer, batch = make_setup(optimizer_name, dtype=dtype, dropout=dropout)
+    model, corrector, optimizer, batch = make_setup(optimizer_name, dtype=dtype, dropout=dropout, teacher=teacher)
     head = find_head_module(model)
     outputs = {}
     for name in ("jvp", path):
@@ -603,12 +621,16 @@ def test_join_inputs_right_pads_the_shorter_batch():
         join_inputs(first, {"input_ids": second["input_ids"]})
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_a_step_without_meta_update_runs_noisy_and_clean_rows_as_one_batch(attn_implementation, scaled):
+@pytest.mark.parametrize(
+    "attn_implementation,scaled,teacher",
+    [("eager", False, "none"), ("eager", True, "none"), ("sdpa", False, "none"), ("sdpa", True, "none")]
+    + [("sdpa", False, "main_net")],
+)
+def test_a_step_without_meta_update_runs_noisy_and_clean_rows_as_one_batch(attn_implementation, scaled, teacher):
     # One forward/backward over the joined rows gives the main loss and gradient of the two separate passes, also
-    # when the clean batch is shorter (padded to the noisy one's length) and under loss scaling.
-    model, corrector, _, batch = make_setup("adamw", attn_implementation=attn_implementation)
+    # when the clean batch is shorter (padded to the noisy one's length), under loss scaling, and with a corrector
+    # that reads the noisy rows' logits.
+    model, corrector, _, batch = make_setup("adamw", attn_implementation=attn_implementation, teacher=teacher)
     batch.clean_inputs = random_inputs(5, length=6, seed=13)
     head = find_head_module(model)
     separate = _main_loss_and_grads(model, corrector, head, batch)

@@ -84,3 +84,53 @@ def test_anchored_corrector_blends_in_the_given_label_and_passes_the_meta_gradie
     torch.testing.assert_close(grad_blended, 0.25 * grad_plain)
     anchored.trust = 0.0
     torch.testing.assert_close(anchored(features, labels), plain)
+
+
+def test_main_net_teacher_starts_at_the_main_nets_prediction_blended_with_the_given_label():
+    torch.manual_seed(0)
+    corrector = LabelCorrector(
+        3, 8, hidden_size=16, label_embedding_size=4, skip_connection="per_example", skip_init=2.0, teacher="main_net"
+    )
+    features, labels, main_logits = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]), torch.randn(5, 3)
+    hidden = torch.cat([features, corrector.label_embedding(labels)], dim=-1)
+    mix = torch.sigmoid(corrector.mlp(hidden)[:, 3:])
+    expected = mix * torch.nn.functional.one_hot(labels, 3) + (1 - mix) * torch.softmax(main_logits, -1)
+    torch.testing.assert_close(corrector(features, labels, main_logits=main_logits), expected)
+    with pytest.raises(ValueError, match="teacher='main_net' needs the main net's logits"):
+        corrector(features, labels)
+
+
+def test_main_net_teacher_adds_the_mlps_logits_and_sends_no_gradient_to_the_main_net():
+    torch.manual_seed(0)
+    corrector = LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4, teacher="main_net")
+    with torch.no_grad():
+        corrector.mlp[-1].weight.normal_()  # as after some meta steps
+    features, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
+    main_logits = torch.randn(4, 3, requires_grad=True)
+    hidden = torch.cat([features, corrector.label_embedding(labels)], dim=-1)
+    expected = torch.softmax(corrector.mlp(hidden) + main_logits.detach(), -1)
+    corrected = corrector(features, labels, main_logits=main_logits)
+    torch.testing.assert_close(corrected, expected)
+    assert not torch.allclose(corrected, torch.softmax(main_logits.detach(), -1))
+    assert corrected.grad_fn is not None and main_logits.grad is None
+    corrected.sum().backward()
+    assert main_logits.grad is None and corrector.mlp[-1].weight.grad is not None
+
+
+def test_correct_passes_main_logits_only_to_a_corrector_that_reads_them():
+    from mlc_text.meta_net import AnchoredCorrector, correct
+
+    torch.manual_seed(0)
+    features, labels, main_logits = torch.randn(4, 8), torch.tensor([0, 1, 2, 1]), torch.randn(4, 3)
+    plain = LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4)
+    torch.testing.assert_close(correct(plain, features, labels, main_logits), plain(features, labels))
+    taught = AnchoredCorrector(LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4, teacher="main_net"))
+    assert taught.reads_main_logits
+    torch.testing.assert_close(correct(taught, features, labels, main_logits), torch.softmax(main_logits, -1))
+    with pytest.raises(ValueError, match="teacher must be one of none, main_net, got 'self'"):
+        LabelCorrector(3, 8, teacher="self")
+
+
+def test_a_saved_corrector_keeps_its_teacher(tmp_path):
+    LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4, teacher="main_net").save_pretrained(tmp_path)
+    assert LabelCorrector.from_pretrained(tmp_path).reads_main_logits

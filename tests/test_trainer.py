@@ -143,11 +143,32 @@ def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
         ({"meta_split": "rows", "meta_split_fraction": 1.0}, "meta_split_fraction must be in"),
         ({"meta_split": "batch", "gradient_steps": 2}, "gradient_steps=2 needs meta_split='none'"),
         ({"skip_learning_rate": 0.0, "skip_connection": True}, "skip_learning_rate must be > 0"),
+        ({"corrector_teacher": "self"}, "corrector_teacher must be one of none, main_net, got 'self'"),
+        (
+            {"corrector_teacher": "main_net", "corrector_warm_start_steps": 10},
+            "corrector_teacher='main_net' is not accepted with corrector_warm_start_steps=10",
+        ),
     ],
 )
 def test_skip_learning_rate_is_checked(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
+
+
+def test_main_net_teacher_trains_and_starts_from_the_main_nets_prediction(tmp_path):
+    noisy, clean = datasets()
+    trainer = make_trainer(tmp_path, noisy=noisy, clean=clean, corrector_teacher="main_net")
+    assert trainer.corrector.reads_main_logits
+    # before training the corrector's labels are the main net's own predictions (no skip weight here)
+    before = trainer.correct_labels(noisy)
+    predictions = trainer.predict(noisy.remove_columns("true_label")).predictions
+    np.testing.assert_allclose(before["corrected"], torch.softmax(torch.tensor(predictions), -1).numpy(), atol=1e-5)
+    corrector_before = {k: v.clone() for k, v in trainer.corrector.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, trainer.corrector.state_dict()[k]) for k, v in corrector_before.items())
+    after = trainer.correct_labels(noisy)["corrected"]
+    np.testing.assert_allclose(after.sum(-1), 1.0, atol=1e-5)
+    assert np.abs(after - before["corrected"]).max() > 1e-3
 
 
 def test_loss_falls_and_correction_beats_noisy_labels(tmp_path):
