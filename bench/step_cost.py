@@ -27,7 +27,7 @@ measured in a fresh subprocess per path (the RSS high-water mark only grows): pe
 step, optimizer states already allocated; on CUDA `max_memory_allocated` minus the memory allocated before it.
 
 The epoch cost runs fine-tuning and MLC (`jvp` and `fd`, `meta_update_interval` 1, 2, 5 and 10; `fd` also with half the
-clean batch at each interval) the same way over
+clean batch at each interval, and with 8 clean rows at 5 and 10; `--epoch-cases` picks some by key) the same way over
 `--epoch-steps` steps each (a whole number of meta-update cycles) and extrapolates each to an epoch of
 `EPOCH_ROWS` noisy rows (+ `EPOCH_CLEAN_ROWS` trusted rows in fine-tuning's epoch). Results go to `bench/results/`.
 """
@@ -95,6 +95,7 @@ MODELS = ("minilm", "tiny-bert", "bert-base-random")
 PATHS = ("plain", "jvp", "fd", "fd_central", "reference")
 VARIANTS = ("default", "no_reuse", "no_clean_in_main_loss", "full_clean_batch")
 INTERVALS = (1, 2, 5, 10)
+SMALL_CLEAN_BATCH = 8
 EPOCH_GRADIENTS = ("jvp", "fd")
 # A setting of the cases, not of MLCTrainingArguments: clean_batch_size = the batch size (the default is half of it).
 FULL_CLEAN_BATCH = "full_clean_batch"
@@ -147,14 +148,16 @@ class EpochCase:
     interval: int = 1
     precision: str = "fp32"
     full_clean_batch: bool = False
+    clean_batch_size: int | None = None  # rows of the clean batch; None: the default (half the batch) or full
 
     @property
     def key(self) -> str:
         if self.meta_gradient is None:
             return "finetune"
-        return f"mlc:{self.meta_gradient}:every {self.interval}" + (
-            ":full clean batch" if self.full_clean_batch else ""
-        )
+        key = f"mlc:{self.meta_gradient}:every {self.interval}"
+        if self.clean_batch_size is not None:
+            return key + f":clean batch {self.clean_batch_size}"
+        return key + (":full clean batch" if self.full_clean_batch else "")
 
     def settings(self) -> dict:
         settings = {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
@@ -162,6 +165,8 @@ class EpochCase:
             settings.update(meta_gradient=self.meta_gradient, meta_update_interval=self.interval)
         if self.full_clean_batch:
             settings[FULL_CLEAN_BATCH] = True
+        if self.clean_batch_size is not None:
+            settings["clean_batch_size"] = self.clean_batch_size
         return settings
 
 
@@ -188,7 +193,9 @@ def epoch_cases(precision: str) -> list[EpochCase]:
     cases += [
         EpochCase(gradient, n, precision, full_clean_batch=True) for gradient in EPOCH_GRADIENTS for n in INTERVALS
     ]
-    return cases + [EpochCase("fd", n, precision) for n in INTERVALS]  # the default clean batch, half the batch
+    cases += [EpochCase("fd", n, precision) for n in INTERVALS]  # the default clean batch, half the batch
+    # a quarter of the batch: the clean rows of a step without a meta update are what keeps it above fine-tuning's
+    return cases + [EpochCase("fd", n, precision, clean_batch_size=SMALL_CLEAN_BATCH) for n in INTERVALS[-2:]]
 
 
 def cpu_has_bf16() -> bool:
@@ -547,6 +554,12 @@ def run_epoch_cost(args) -> list[dict]:
         raise ValueError(f"--epoch-steps must be a multiple of every interval {INTERVALS}, got {args.epoch_steps}")
     precision = "bf16" if args.device == "cuda" else "fp32"
     cases = epoch_cases(precision)
+    if args.epoch_cases:
+        known = [case.key for case in cases]
+        unknown = [key for key in args.epoch_cases if key not in known]
+        if unknown:
+            raise ValueError(f"--epoch-cases: unknown {unknown}; known: {known}")
+        cases = [case for case in cases if case.meta_gradient is None or case.key in args.epoch_cases]
     print(f"epoch cost: {model_name}, batch {args.batch_size}, max_length {max_length}, {args.epoch_steps} steps each")
     with tempfile.TemporaryDirectory() as output_dir:
         max_steps = args.warmup + args.epoch_steps
@@ -565,6 +578,7 @@ def run_epoch_cost(args) -> list[dict]:
         row.update(method="finetune" if case.meta_gradient is None else "mlc", meta_gradient=case.meta_gradient)
         row.update(meta_update_interval=None if case.meta_gradient is None else case.interval)
         clean_batch = args.batch_size if case.full_clean_batch else default_clean_batch_size(args.batch_size)
+        clean_batch = case.clean_batch_size or clean_batch
         row.update(clean_batch_size=None if case.meta_gradient is None else clean_batch)
         row.update(step_s=round(step_s, 4), measured_steps=args.epoch_steps, epoch_rows=EPOCH_ROWS)
         row.update(steps_per_epoch=steps, epoch_s=round(step_s * steps, 1))
@@ -667,6 +681,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="MiniLM at length 64 only")
     parser.add_argument("--epoch", "--interval", dest="epoch", action="store_true", help="only the epoch cost")
     parser.add_argument("--no-epoch", action="store_true", help="only the step cost")
+    parser.add_argument(
+        "--epoch-cases", nargs="+", help="epoch cases by key, e.g. 'mlc:fd:every 5' (fine-tuning always; default: all)"
+    )
     parser.add_argument("--bf16", action="store_true", help="on CPU, also bf16 autocast steps (if the CPU has bf16)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--cases", nargs="+", help="step types as path:precision:variant (default: all)")

@@ -533,6 +533,19 @@ def test_step_cost_full_clean_batch_case_uses_the_whole_batch(tmp_path):
         args, "tiny-bert", 8, step_cost.EpochCase("fd", 2).settings(), 2, str(tmp_path / "e")
     )
     assert epoch.clean_batch_size == 2 and epoch.args.meta_update_interval == 2
+    small = step_cost.EpochCase("fd", 5, clean_batch_size=1)
+    assert small.key == "mlc:fd:every 5:clean batch 1"
+    trainer = step_cost.build_trainer(args, "tiny-bert", 8, small.settings(), 2, str(tmp_path / "s"))
+    assert trainer.clean_batch_size == 1 and trainer.args.meta_update_interval == 5
+    keys = [case.key for case in step_cost.epoch_cases("fp32")]
+    assert "mlc:fd:every 10:clean batch 8" in keys and len(keys) == len(set(keys))
+
+
+def test_step_cost_epoch_cases_are_filtered_by_key_and_an_unknown_key_is_refused():
+    step_cost = load("step_cost")
+    args = step_cost.parse_args(["--epoch", "--epoch-cases", "mlc:fd:every 5", "mlc:fd:every 50"])
+    with pytest.raises(ValueError, match=r"--epoch-cases: unknown \['mlc:fd:every 50'\]"):
+        step_cost.run_epoch_cost(args)
 
 
 def test_step_cost_times_the_trainers_own_steps_in_turn(tmp_path):
