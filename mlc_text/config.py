@@ -28,7 +28,7 @@ META_SPLITS = ("none", "batch", "rows")
 # MLC's default for `finish_on_clean`: its noisy-row stage ends with the clean stage (docs/RESULTS.md).
 MLC_FINISHES_ON_CLEAN = True
 # MLC's default clean batch (`clean_batch_size=None`): this share of the noisy batch (docs/PERFORMANCE.md).
-MLC_CLEAN_BATCH_SHARE = 0.5
+MLC_CLEAN_BATCH_SHARE = 0.25
 
 
 def default_clean_batch_size(batch_size: int, share: float = MLC_CLEAN_BATCH_SHARE) -> int:
@@ -111,10 +111,11 @@ class MLCTrainingArguments(TrainingArguments):
         meta_split_fraction (`float`, *optional*, defaults to `0.5`):
             With `meta_split="rows"`: the share of each class's trusted rows kept for the meta objective.
         clean_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Rows per clean (trusted) batch on each process; `None`: the trainer's default, for MLC half of
+            Rows per clean (trusted) batch on each process; `None`: the trainer's default, for MLC a quarter of
             `per_device_train_batch_size` rounded up ([`default_clean_batch_size`]; every MLC step runs its clean
-            batch forward and backward, so half the batch takes a quarter off an epoch, at the same accuracy in our
-            benchmark, docs/PERFORMANCE.md), for the other methods `per_device_train_batch_size`.
+            batch forward and backward, and with a quarter an epoch costs 1.33x a fine-tuning epoch at
+            `meta_update_interval=5`, against 1.60x with half, with higher accuracy in our benchmark,
+            docs/RESULTS.md and docs/PERFORMANCE.md), for the other methods `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
             Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
         reuse_clean_pass (`bool`, *optional*, defaults to `True`):
@@ -124,10 +125,10 @@ class MLCTrainingArguments(TrainingArguments):
             step's clean batch, and each clean batch still enters the main loss once and the meta objective once.
             Saves one forward/backward per step; only used when the previous step's real update was exactly its
             virtual one (no gradient accumulation, optimizer step not skipped).
-        meta_update_interval (`int`, *optional*, defaults to `2`):
+        meta_update_interval (`int`, *optional*, defaults to `5`):
             Run the meta step every this many optimizer steps; steps in between train on corrected labels (and the
-            clean batch) only. 2 (with half the clean batch) costs 1.8x a fine-tuning epoch against 2.4x for 1 (full
-            clean batch) on a CPU, at the same accuracy in our benchmark; 1 is the paper's.
+            clean batch) only. 5 (with a quarter of the batch as clean batch) costs 1.33x a fine-tuning epoch against
+            2.4x for 1 with the whole clean batch (the paper's) on a CPU (docs/PERFORMANCE.md).
         normalize_meta_gradient (`bool`, *optional*, defaults to `False`):
             Give the corrector's optimizer the meta-gradient scaled to unit norm (its direction only). The
             meta-gradient is proportional to the clean gradient at w', which all but vanishes once the main net has
@@ -211,7 +212,8 @@ class MLCTrainingArguments(TrainingArguments):
         metadata={"help": "With meta_split=rows: share of each class's trusted rows for the meta objective."},
     )
     clean_batch_size: int | None = field(
-        default=None, metadata={"help": "Clean rows per batch and process; defaults to half the training batch size."}
+        default=None,
+        metadata={"help": "Clean rows per batch and process; MLC's default is a quarter of the training batch."},
     )
     clean_in_main_loss: bool = field(
         default=True, metadata={"help": "Also train the main net on the clean batch with its true labels."}
@@ -223,7 +225,7 @@ class MLCTrainingArguments(TrainingArguments):
         },
     )
     meta_update_interval: int = field(
-        default=2, metadata={"help": "Run the meta step every N optimizer steps (1 = every step, the paper's)."}
+        default=5, metadata={"help": "Run the meta step every N optimizer steps (1 = every step, the paper's)."}
     )
     normalize_meta_gradient: bool = field(
         default=False, metadata={"help": "Scale the meta-gradient to unit norm before the corrector's Adam step."}

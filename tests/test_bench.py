@@ -76,8 +76,10 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
         report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc@3e-05[gradient_steps=3,skip_connection=true]"
     )
     today = {"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True, "finish_on_clean": True}
-    today.update(clean_batch_size=16, meta_update_interval=2)
+    today.update(clean_batch_size=8, meta_update_interval=5)
     assert report.method_label(today) == "mlc"
+    yesterday = {**today, "clean_batch_size": 16, "meta_update_interval": 2}
+    assert report.method_label(yesterday) == "mlc@0.0003[clean_batch_size=16,meta_update_interval=2]"
     # a row of the defaults of an earlier day (no field: it ran the values of its day) is that variant now
     stage = {key: value for key, value in today.items() if key not in ("clean_batch_size", "meta_update_interval")}
     assert report.method_label(stage) == "mlc@0.0003[clean_batch_size=32,meta_update_interval=1]"
@@ -87,11 +89,11 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     )
     assert report.method_label({**today, "mlc_defaults": False, "meta_learning_rate": 1e-3}) == "mlc@0.001"
     # settings equal to today's defaults are dropped: that row ran what the defaults run now
-    half = {**earlier, "mlc_defaults": False, "mlc_settings": "clean_batch_size=16"}
+    half = {**earlier, "mlc_defaults": False, "mlc_settings": "clean_batch_size=8"}
     assert report.method_label(half) == "mlc@0.0003[finish_on_clean=false,meta_update_interval=1]"
     asked = {**earlier, "mlc_defaults": False, "mlc_settings": "finish_on_clean=true"}  # asked for before the default
     assert report.method_label(asked) == "mlc@0.0003[clean_batch_size=32,meta_update_interval=1]"
-    same = {**half, "mlc_settings": "clean_batch_size=16,meta_update_interval=2", "finish_on_clean": True}
+    same = {**half, "mlc_settings": "clean_batch_size=8,meta_update_interval=5", "finish_on_clean": True}
     assert report.method_label(same) == "mlc"
     assert mlc["mlc_defaults"] is False and accuracy.uses_mlc_defaults(mlc) is False
     # a run on today's defaults does not share its key with an older row at the same meta learning rate
@@ -100,14 +102,14 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     assert default["mlc_defaults"] is True and default["finish_on_clean"] is True
     legacy = {key: value for key, value in default.items() if key != "mlc_defaults"}
     assert accuracy.run_key(legacy) != accuracy.run_key(default)
-    # nor with a row of the defaults from before the clean stage, or before half the clean batch every other step
-    assert default["clean_batch_size"] == 16 and default["meta_update_interval"] == 2
+    # nor with a row of the defaults from before the clean stage, or before a quarter clean batch every fifth step
+    assert default["clean_batch_size"] == 8 and default["meta_update_interval"] == 5
     for field in ("finish_on_clean", "clean_batch_size", "meta_update_interval"):
         earlier = {key: value for key, value in default.items() if key != field}
         assert accuracy.run_key(earlier) != accuracy.run_key(default)
     # settings name the values a run used in its key
-    (asked,) = accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "clean_batch_size=8"]))[:1]
-    assert asked["clean_batch_size"] == 8 and asked["meta_update_interval"] == 2
+    (asked,) = accuracy.grid(accuracy.parse_args([*argv, "--mlc_settings", "clean_batch_size=12"]))[:1]
+    assert asked["clean_batch_size"] == 12 and asked["meta_update_interval"] == 5
 
 
 def test_bf16_runs_are_their_own_runs_and_rows(tmp_path, data_dir):
@@ -271,7 +273,7 @@ def test_report_puts_mlc_variants_in_the_ablation_table_against_the_defaults_at_
         {**base, "method": method, "seed": seed, "meta_learning_rate": rate, "mlc_settings": settings,
          "precision": precision, "test_accuracy": test, "test_macro_f1": test,
          "mlc_defaults": method == "mlc" and settings is None, "finish_on_clean": settings != 'meta_split="rows"',
-         "clean_batch_size": 16, "meta_update_interval": 2}
+         "clean_batch_size": 8, "meta_update_interval": 5}
         for method, seed, rate, settings, precision, test in runs
     ]  # fmt: skip
     cells = report.summarise(rows)
@@ -380,12 +382,7 @@ def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_
 
 
 # What bench/accuracy.py writes for an MLC run of today's defaults.
-TODAYS_MLC_DEFAULTS = {
-    "mlc_defaults": True,
-    "finish_on_clean": True,
-    "clean_batch_size": 16,
-    "meta_update_interval": 2,
-}
+TODAYS_MLC_DEFAULTS = {"mlc_defaults": True, **load("rows").mlc_protocol()}
 
 
 def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 0.4) -> list[dict]:
@@ -474,7 +471,7 @@ def test_cell_commands_reproduce_the_cell(data_dir):
 
 def test_rows_from_before_the_clean_stage_default_are_reproduced_as_their_variant(data_dir):
     accuracy, report = load("accuracy"), load("report")
-    rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, "mlc[clean_batch_size=16]": 0.86})
+    rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, "mlc[clean_batch_size=8]": 0.86})
     for row in rows:
         row["meta_learning_rate"] = row.get("meta_learning_rate")
         if row["method"] == "mlc":  # written before the fields: no clean stage, the settings' clean batch, interval 1
@@ -527,18 +524,18 @@ def test_step_cost_full_clean_batch_case_uses_the_whole_batch(tmp_path):
         trainer = step_cost.build_trainer(args, "tiny-bert", 8, case.settings(), 2, str(tmp_path / "full"))
         assert trainer.clean_batch_size == 4 and trainer.args.meta_gradient == "fd"
     plain = step_cost.build_trainer(args, "tiny-bert", 8, step_cost.StepCase("fd").settings(), 2, str(tmp_path / "p"))
-    assert plain.clean_batch_size == 2  # the default: half the training batch
+    assert plain.clean_batch_size == 1  # the default: a quarter of the training batch
     assert plain.args.meta_update_interval == 1  # a step case times the meta step
     epoch = step_cost.build_trainer(
         args, "tiny-bert", 8, step_cost.EpochCase("fd", 2).settings(), 2, str(tmp_path / "e")
     )
-    assert epoch.clean_batch_size == 2 and epoch.args.meta_update_interval == 2
+    assert epoch.clean_batch_size == 1 and epoch.args.meta_update_interval == 2
     small = step_cost.EpochCase("fd", 5, clean_batch_size=1)
     assert small.key == "mlc:fd:every 5:clean batch 1"
     trainer = step_cost.build_trainer(args, "tiny-bert", 8, small.settings(), 2, str(tmp_path / "s"))
     assert trainer.clean_batch_size == 1 and trainer.args.meta_update_interval == 5
     keys = [case.key for case in step_cost.epoch_cases("fp32")]
-    assert "mlc:fd:every 10:clean batch 8" in keys and len(keys) == len(set(keys))
+    assert "mlc:fd:every 2:clean batch 16" in keys and len(keys) == len(set(keys))
 
 
 def test_step_cost_epoch_cases_are_filtered_by_key_and_an_unknown_key_is_refused():

@@ -70,8 +70,8 @@ def test_every_method_writes_its_outputs(method, tiny_model_dir, data_dir, tmp_p
     assert (output_dir / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
     card = (output_dir / "README.md").read_text()
     assert "uniform" in card and method in card and "AutoModelForSequenceClassification" in card
-    # the clean batch the run drew (clean_batch_size=None resolved): MLC half the noisy batch of 16, L2RW all of it
-    clean_batch = {"mlc": 8, "l2rw": 16, "finetune_clean_batch": 16}.get(method)
+    # the clean batch the run drew (clean_batch_size=None resolved): MLC a quarter of the noisy batch of 16, L2RW all
+    clean_batch = {"mlc": 4, "l2rw": 16, "finetune_clean_batch": 16}.get(method)
     if clean_batch:
         assert f"- clean_batch_size: {clean_batch}\n" in card
     else:

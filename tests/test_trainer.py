@@ -60,7 +60,7 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         # the method's own steps (MLC's default ends with a clean stage: tests/test_clean_stage.py)
         "finish_on_clean": False,
         # a meta step at every step on the whole clean batch, the paper's (the defaults halve both: see
-        # test_mlc_defaults_to_half_the_clean_batch_and_a_meta_step_every_other_step)
+        # test_mlc_defaults_to_a_quarter_of_the_batch_as_clean_batch_and_a_meta_step_every_fifth_step)
         "meta_update_interval": 1,
         "clean_batch_size": overrides.get("per_device_train_batch_size", 8),
         "max_steps": 6,
@@ -510,12 +510,14 @@ def test_warm_start_trains_the_corrector_on_the_trusted_rows_once(tmp_path, capl
     assert trainer.warm_started
 
 
-def test_mlc_defaults_to_half_the_clean_batch_and_a_meta_step_every_other_step(tmp_path):
+def test_mlc_defaults_to_a_quarter_of_the_batch_as_clean_batch_and_a_meta_step_every_fifth_step(tmp_path):
     args = MLCTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=7)
-    assert args.clean_batch_size is None and args.meta_update_interval == 2
-    trainer = make_trainer(tmp_path, per_device_train_batch_size=7, clean_batch_size=None, meta_update_interval=2)
-    assert trainer.clean_batch_size == 4  # half of 7, rounded up
-    assert len(next(trainer.clean_batches)["labels"]) == 4
+    assert args.clean_batch_size is None and args.meta_update_interval == 5
+    trainer = make_trainer(
+        tmp_path, per_device_train_batch_size=7, clean_batch_size=None, meta_update_interval=5, max_steps=11
+    )
+    assert trainer.clean_batch_size == 2  # a quarter of 7, rounded up
+    assert len(next(trainer.clean_batches)["labels"]) == 2
     calls = []
     original = trainer_module.meta_step
 
@@ -528,7 +530,7 @@ def test_mlc_defaults_to_half_the_clean_batch_and_a_meta_step_every_other_step(t
         trainer.train()
     finally:
         trainer_module.meta_step = original
-    assert calls == [0, 2, 4]
+    assert calls == [0, 5, 10]
     l2rw = make_trainer(
         tmp_path / "l2rw",
         trainer_class=L2RWTrainer,
