@@ -171,6 +171,14 @@ class EpochCase:
             settings["clean_batch_size"] = self.clean_batch_size
         return settings
 
+    def clean_rows(self, batch_size: int) -> int | None:
+        """The clean batch this case draws beside a noisy batch of `batch_size` (`None` for fine-tuning)."""
+        if self.meta_gradient is None:
+            return None
+        if self.clean_batch_size is not None:
+            return self.clean_batch_size
+        return batch_size if self.full_clean_batch else default_clean_batch_size(batch_size)
+
 
 def default_cases(device: str, bf16: bool = False) -> list[StepCase]:
     """
@@ -579,9 +587,7 @@ def run_epoch_cost(args) -> list[dict]:
         row = {"model": model_name, "max_length": max_length, "batch_size": args.batch_size, "precision": precision}
         row.update(method="finetune" if case.meta_gradient is None else "mlc", meta_gradient=case.meta_gradient)
         row.update(meta_update_interval=None if case.meta_gradient is None else case.interval)
-        clean_batch = args.batch_size if case.full_clean_batch else default_clean_batch_size(args.batch_size)
-        clean_batch = case.clean_batch_size or clean_batch
-        row.update(clean_batch_size=None if case.meta_gradient is None else clean_batch)
+        row.update(clean_batch_size=case.clean_rows(args.batch_size))
         row.update(step_s=round(step_s, 4), measured_steps=args.epoch_steps, epoch_rows=EPOCH_ROWS)
         row.update(steps_per_epoch=steps, epoch_s=round(step_s * steps, 1))
         rows.append({**row, **machine_info(args)})

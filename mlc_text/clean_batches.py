@@ -115,8 +115,8 @@ def join_inputs(
 ) -> dict[str, torch.Tensor]:
     """
     Two collated batches as one, `first`'s rows first: each `(rows, length)` tensor is right-padded to the longer
-    length (`input_ids` with `pad_token_id`, 0 when it is `None`, every other input, the attention mask among them, with 0), so that an
-    encoder that masks padding gives every row the outputs it gets in its own batch.
+    length (`input_ids` with `pad_token_id`, 0 when it is `None`; every other input, the attention mask among them,
+    with 0), so that an encoder that masks padding gives every row the outputs it gets in its own batch.
 
     Raises:
         `ValueError`: if the batches hold different inputs.

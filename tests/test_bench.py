@@ -534,6 +534,12 @@ def test_step_cost_full_clean_batch_case_uses_the_whole_batch(tmp_path):
     assert small.key == "mlc:fd:every 5:clean batch 1"
     trainer = step_cost.build_trainer(args, "tiny-bert", 8, small.settings(), 2, str(tmp_path / "s"))
     assert trainer.clean_batch_size == 1 and trainer.args.meta_update_interval == 5
+    assert [case.clean_rows(32) for case in (small, step_cost.EpochCase("fd", 2), step_cost.EpochCase(None))] == [
+        1,
+        8,
+        None,
+    ]
+    assert step_cost.EpochCase("fd", full_clean_batch=True).clean_rows(32) == 32
     keys = [case.key for case in step_cost.epoch_cases("fp32")]
     assert "mlc:fd:every 2:clean batch 16" in keys and len(keys) == len(set(keys))
 
