@@ -421,6 +421,8 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     assert "| worst change from 1 to 3 epochs (points) | -2.0 over 1 cell(s) | >= -1 | no |" in text
     appendix = "\n".join(report.appendix_table(cells))
     assert "flip 0.6" in appendix and "flip 0.4" not in appendix
+    # the no-headroom cell: clean_only, oracle, MLC at the defaults, and no other MLC run
+    assert appendix.endswith("| 88.1 ± 0.1 | 89.1 ± 0.1 | 80.1 ± 0.1 | - |")
     readme = report.readme_table(cells)
     assert (
         "| ag_news, flip 0.4, 20/class, 1 ep. | 80.1 ± 0.1 | 86.1 ± 0.1 (l2rw) | 87.1 ± 0.1 | 90.1 ± 0.1 |" in readme
