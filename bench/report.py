@@ -336,11 +336,10 @@ def appendix_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         "|---" * (len(names) + 4) + "|",
     ]
     for cell, methods in rest:
-        defaults = defaults_label(methods)
-        variants = [name for name in methods if name.startswith("mlc") and name != defaults]
+        variants = [name for name in methods if is_variant(name)]
         best = max(variants, key=lambda name: methods[name]["test_accuracy"][0], default=None)
         seeds = max(len(stats["seeds"]) for stats in methods.values())
-        values = [_in_any_precision(methods, name) for name in names + ["mlc"]]
+        values = [_in_any_precision(methods, name) for name in names] + [defaults_accuracy(methods)]
         mlc = f"{accuracy_of(methods, best)} ({best})" if best else "-"
         lines.append(f"| {short_cell(cell)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
     return lines
@@ -353,6 +352,12 @@ def _in_any_precision(methods: dict[str, dict], name: str) -> str:
     return accuracy_of(methods, name)
 
 
+def defaults_accuracy(methods: dict[str, dict]) -> str:
+    """MLC at the package defaults in a cell ([`defaults_label`]), marked `(bf16)` when it ran so; `-` without it."""
+    label = defaults_label(methods)
+    return accuracy_of(methods, label) + (" (bf16)" if label == "mlc (bf16)" else "")
+
+
 def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
     """The small table of README.md: per cell with headroom, clean_only, the best baseline, MLC's defaults, oracle."""
     lines = ["| cell | clean rows only | best other method | MLC (defaults) | oracle |", "|---|---|---|---|---|"]
@@ -360,10 +365,9 @@ def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
         if not has_headroom(methods):
             continue
         best = best_baseline({name: stats for name, stats in methods.items() if name != "clean_only"})
-        mlc = defaults_label(methods)
         lines.append(
             f"| {short_cell(cell)} | {accuracy_of(methods, 'clean_only')} "
-            f"| {accuracy_of(methods, best)} ({best}) | {accuracy_of(methods, mlc)}{' (bf16)' if mlc == 'mlc (bf16)' else ''} "
+            f"| {accuracy_of(methods, best)} ({best}) | {defaults_accuracy(methods)} "
             f"| {accuracy_of(methods, 'oracle')} |"
         )
     return "\n".join(lines)

@@ -438,6 +438,17 @@ def test_appendix_shows_a_baseline_run_in_bf16_alone_marked_as_such():
     assert "| 88.1 ± 0.1 (bf16) | 84.1 ± 0.1 |" in line
 
 
+def test_appendix_shows_mlc_at_the_defaults_once_in_the_precision_with_more_seeds():
+    report = load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.88, "mlc": 0.80, "oracle": 0.89}, noise_rate=0.6)
+    for row in rows:
+        row["precision"] = "bf16" if row["method"] == "mlc" else "fp32"
+    fp32 = _cell_rows(1.0, {"mlc": 0.90}, noise_rate=0.6)[:1]  # one seed of the defaults in float32
+    line = next(line for line in report.appendix_table(report.summarise(rows + fp32)) if "flip 0.6" in line)
+    # the bf16 rows (three seeds) are the defaults' value; the float32 one is no "other MLC run"
+    assert line.endswith("| 80.1 ± 0.1 (bf16) | - |")
+
+
 def test_cell_commands_reproduce_the_cell(data_dir):
     accuracy, report = load("accuracy"), load("report")
     rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, 'mlc[skip_connection="per_example"]': 0.86})
