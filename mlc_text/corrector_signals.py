@@ -28,6 +28,8 @@ MEMORISED_CLEAN_LOSS = 0.05
 LOW_AGREEMENT = 0.5
 # Share of the run after which a still-flat corrector is worth a warning (it starts near uniform).
 FLAT_AFTER = 0.25
+# A mean skip weight s at or above this: the corrected label is the given one, whatever the corrector's own output.
+TRUSTS_EVERY_LABEL = 0.99
 CORRECTION_SIGNALS = ("mean_entropy", "correction_accuracy", "fixed_share", "agreement_with_noisy")
 
 
@@ -148,9 +150,19 @@ def never_corrected_warning(log_history: Sequence[Mapping[str, Any]], *, args: A
     agreements = [entry["agreement_with_noisy"] for entry in log_history if "agreement_with_noisy" in entry]
     if not agreements or min(agreements) < 1.0:
         return None
+    skip_weights = [entry["skip_weight"] for entry in log_history if "skip_weight" in entry]
+    if skip_weights and skip_weights[-1] >= TRUSTS_EVERY_LABEL:
+        # The corrected label is the given one, one-hot: the corrector is switched off (at a high meta_learning_rate
+        # the meta-gradient drives s there: more trust in every row).
+        targets = (
+            f"the corrector trusts every given label (skip weight {skip_weights[-1]:.2f} at the last log), "
+            "so the main net trained on the given labels as they are"
+        )
+    else:
+        targets = "the main net trained on the given labels, softened"
     return (
         f"the label corrector never replaced a given label over {len(agreements)} logs (its argmax was the given label "
-        "on every noisy row): the main net trained on the given labels, softened, and label_issues.csv / the "
-        f"correction matrix show no corrections. For label correction, run meta_update_interval=1 (now "
-        f"{args.meta_update_interval}) with a clean batch as large as the noisy one, or train for more epochs."
+        f"on every noisy row): {targets}, and label_issues.csv / the correction matrix show no corrections. For label "
+        f"correction, run meta_update_interval=1 (now {args.meta_update_interval}) with a clean batch as large as the "
+        "noisy one, or train for more epochs."
     )

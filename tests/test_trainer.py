@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, default_data
 import mlc_text.trainer as trainer_module
 from mlc_text.baselines import L2RWTrainer
 from mlc_text.config import MLCTrainingArguments
+from mlc_text.corrector_signals import never_corrected_warning
 from mlc_text.meta_net import CORRECTOR_WEIGHTS_NAME, LabelCorrector, capture_head_features
 from mlc_text.trainer import MLC_STATE_NAME, MLCTrainer, check_parallelism
 
@@ -332,11 +333,23 @@ def test_a_corrector_that_never_replaced_a_given_label_is_reported(tmp_path, cap
     assert (
         "never replaced a given label over 3 logs" in caplog.text and "meta_update_interval=1 (now 1)" in caplog.text
     )
+    assert "trusts every given label (skip weight 1.00 at the last log)" in caplog.text
     trainer.state.log_history.append({"agreement_with_noisy": 0.97})  # one log with a replaced label: no warning
     caplog.clear()
     with caplog.at_level("WARNING", logger="mlc_text.trainer"):
         trainer._warn_at_end_of_run()
     assert "never replaced" not in caplog.text
+
+
+def test_the_never_corrected_warning_says_whether_the_labels_were_softened_or_trusted_as_they_are():
+    args = MLCTrainingArguments(output_dir="unused", meta_update_interval=5)
+    logs = [{"agreement_with_noisy": 1.0, "skip_weight": 0.89}, {"agreement_with_noisy": 1.0, "skip_weight": 0.9}]
+    assert "the given labels, softened" in never_corrected_warning(logs, args=args)
+    logs[-1]["skip_weight"] = 0.996  # the meta-gradient drove s to 1 (as at meta_learning_rate 1e-2)
+    message = never_corrected_warning(logs, args=args)
+    assert "trusts every given label (skip weight 1.00" in message and "softened" not in message
+    assert "meta_update_interval=1 (now 5)" in message
+    assert never_corrected_warning([{"skip_weight": 1.0}], args=args) is None  # no agreement logged: nothing to say
 
 
 @pytest.mark.parametrize(
