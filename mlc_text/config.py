@@ -84,10 +84,16 @@ class MLCTrainingArguments(TrainingArguments):
             outputs starting at zero (Enhanced MLC's teacher distribution with the main net as its teacher). With the
             skip weight s the target is then s * onehot(given) + (1 - s) * that prediction, and the meta-gradient
             learns s per row and the MLP's correction of the prediction.
+        confidence_gate (`bool`, *optional*, defaults to `False`):
+            The per-row skip weight also reads the main net's confidence in the given label (its log-probability,
+            standardised over the batch) through one learned slope starting at 0; needs
+            `skip_connection="per_example"`. The slope's meta-gradient carries only which rows to trust more than the
+            others, none of the push common to every row. Give the slope a learning rate with `skip_learning_rate`.
         skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Learning rate of the global skip weight alone (its logit); `None` uses `meta_learning_rate`. Adam moves
-            the logit by about one learning rate per step whatever the gradient's size, so at the learning rates that
-            suit the corrector a global s barely leaves its start in a short run. Needs `skip_connection="global"`.
+            Learning rate of the gate's own scalars alone (the global skip weight's logit, or the confidence gate's
+            slope); `None` uses `meta_learning_rate`. Adam moves a scalar by about one learning rate per step whatever
+            the gradient's size, so at the learning rates that suit the corrector it barely leaves its start in a
+            short run. Needs `skip_connection="global"` or `confidence_gate`.
         meta_split (`str`, *optional*, defaults to `"none"`):
             Which trusted rows the meta objective (the clean loss at w') is computed on. `"none"`: the clean batch that
             also enters the main loss (so the main net has trained on those rows). `"batch"`: each clean batch is cut
@@ -185,9 +191,13 @@ class MLCTrainingArguments(TrainingArguments):
         default="none",
         metadata={"help": f"What the corrector's class distribution starts from: {', '.join(CORRECTOR_TEACHERS)}."},
     )
+    confidence_gate: bool = field(
+        default=False,
+        metadata={"help": "The per-row skip weight also reads the main net's confidence in the given label."},
+    )
     skip_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the global skip weight alone (None: meta_learning_rate)."},
+        metadata={"help": "Learning rate of the gate's scalars alone (None: meta_learning_rate)."},
     )
     meta_split: str = field(
         default="none",
@@ -260,11 +270,13 @@ class MLCTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"corrector_teacher must be one of {', '.join(CORRECTOR_TEACHERS)}, got {self.corrector_teacher!r}"
             )
-        if self.corrector_teacher != "none" and (
-            self.corrector_warm_start_steps or self.corrector_supervision_interval
-        ):
+        if self.confidence_gate and self.skip_connection != "per_example":
+            raise ValueError(f"confidence_gate=True needs skip_connection='per_example', got {self.skip_connection!r}")
+        reads_logits = self.corrector_teacher != "none" or self.confidence_gate
+        if reads_logits and (self.corrector_warm_start_steps or self.corrector_supervision_interval):
+            what = "confidence_gate=True" if self.confidence_gate else f"corrector_teacher={self.corrector_teacher!r}"
             raise ValueError(
-                f"corrector_teacher={self.corrector_teacher!r} is not accepted with corrector_warm_start_steps="
+                f"{what} is not accepted with corrector_warm_start_steps="
                 f"{self.corrector_warm_start_steps} or corrector_supervision_interval="
                 f"{self.corrector_supervision_interval} (the supervised corrector reads no main-net logits); set "
                 "those to 0"
@@ -279,10 +291,11 @@ class MLCTrainingArguments(TrainingArguments):
                 f"meta batch's gradient at w, which meta_split={self.meta_split!r} does not compute)"
             )
         if self.skip_learning_rate is not None:
-            if self.skip_connection != "global":
+            if self.skip_connection != "global" and not self.confidence_gate:
                 raise ValueError(
-                    f"skip_learning_rate={self.skip_learning_rate} needs skip_connection='global', got "
-                    f"{self.skip_connection!r} (only the global skip weight has a learning rate of its own)"
+                    f"skip_learning_rate={self.skip_learning_rate} needs skip_connection='global' or "
+                    f"confidence_gate=True, got skip_connection={self.skip_connection!r} (only the gate's scalars "
+                    "have a learning rate of their own)"
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")

@@ -23,6 +23,7 @@ __all__ = [
     "SKIP_CONNECTIONS",
     "CORRECTOR_TEACHERS",
     "correct",
+    "given_label_confidence",
     "normalise_skip_connection",
     "warm_start_corrector",
 ]
@@ -74,6 +75,11 @@ class LabelCorrector(nn.Module):
             detached logits for the row (passed as `main_logits`) plus the MLP's; the MLP's class outputs start at
             zero, so that g starts as the main net's own prediction (Enhanced MLC's teacher, without a second
             network). `"none"`: `g = softmax(MLP output)`.
+        confidence_gate (`bool`, defaults to `False`): With `skip_connection="per_example"`, the row's skip logit
+            also reads the main net's confidence in the given label: `+ slope * z`, z = the main net's detached
+            log-probability of the given label standardised over the batch, `slope` a learned scalar starting at 0
+            (so the corrector starts as without it). Since z sums to zero over the batch, the meta-gradient of the
+            slope carries no push common to every row, only which rows to trust more than the others.
     """
 
     def __init__(
@@ -85,12 +91,16 @@ class LabelCorrector(nn.Module):
         skip_connection: str | bool = "none",
         skip_init: float = 0.0,
         teacher: str = "none",
+        confidence_gate: bool = False,
     ):
         super().__init__()
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}")
         if teacher not in CORRECTOR_TEACHERS:
             raise ValueError(f"teacher must be one of {', '.join(CORRECTOR_TEACHERS)}, got {teacher!r}")
+        skip_connection = normalise_skip_connection(skip_connection)
+        if confidence_gate and skip_connection != "per_example":
+            raise ValueError(f"confidence_gate needs skip_connection='per_example', got {skip_connection!r}")
         self.config = {
             "num_labels": num_labels,
             "feature_size": feature_size,
@@ -99,8 +109,9 @@ class LabelCorrector(nn.Module):
             "skip_connection": normalise_skip_connection(skip_connection),
             "skip_init": float(skip_init),
             "teacher": teacher,
+            "confidence_gate": bool(confidence_gate),
         }
-        self.reads_main_logits = teacher == "main_net"
+        self.reads_main_logits = teacher == "main_net" or bool(confidence_gate)
         self.skip_connection = self.config["skip_connection"]
         self.num_labels = num_labels
         self.label_embedding = nn.Embedding(num_labels, label_embedding_size)
@@ -113,6 +124,7 @@ class LabelCorrector(nn.Module):
         )
         global_skip = self.skip_connection == "global"
         self.skip_logit = nn.Parameter(torch.full((), float(skip_init))) if global_skip else None
+        self.confidence_slope = nn.Parameter(torch.zeros(())) if confidence_gate else None
         self._init_weights()
         if self.skip_connection == "per_example":
             nn.init.constant_(self.mlp[-1].bias[-1], float(skip_init))
@@ -148,9 +160,11 @@ class LabelCorrector(nn.Module):
         logits = self.mlp(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         class_logits = logits[:, : self.num_labels]
-        if self.reads_main_logits:
-            if main_logits is None:
-                raise ValueError("a corrector with teacher='main_net' needs the main net's logits (main_logits)")
+        if self.reads_main_logits and main_logits is None:
+            raise ValueError(
+                "a corrector with teacher='main_net' or confidence_gate needs the main net's logits (main_logits)"
+            )
+        if self.config["teacher"] == "main_net":
             class_logits = class_logits + main_logits.detach().to(class_logits.dtype)
         corrected = torch.softmax(class_logits, dim=-1)
         if self.skip_connection == "none":
@@ -158,7 +172,11 @@ class LabelCorrector(nn.Module):
         if self.skip_connection == "global":
             mix = torch.sigmoid(self.skip_logit.to(corrected.dtype))
         else:
-            mix = torch.sigmoid(logits[:, self.num_labels :])
+            gate_logits = logits[:, self.num_labels :]
+            if self.confidence_slope is not None:
+                confidence = given_label_confidence(main_logits.detach().to(gate_logits.dtype), noisy_labels)
+                gate_logits = gate_logits + self.confidence_slope.to(gate_logits.dtype) * confidence[:, None]
+            mix = torch.sigmoid(gate_logits)
         self.last_skip_weight = mix.detach().mean()
         onehot = nn.functional.one_hot(noisy_labels, self.num_labels).to(corrected.dtype)
         return (1 - mix) * corrected + mix * onehot
@@ -180,6 +198,18 @@ class LabelCorrector(nn.Module):
         corrector = cls(**json.loads(payload["config"]))
         corrector.load_state_dict(payload["state_dict"])
         return corrector
+
+
+def given_label_confidence(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Log-probability of each row's given label under `logits`, standardised over the rows (mean 0, standard deviation
+    1; all zeros for a single row or rows that are all alike).
+    """
+    log_prob = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+    if log_prob.numel() < 2:
+        return torch.zeros_like(log_prob)
+    centred = log_prob - log_prob.mean()
+    return centred / (centred.std() + eps)
 
 
 class AnchoredCorrector(nn.Module):
@@ -286,16 +316,19 @@ def corrector_param_groups(
     corrector: nn.Module, learning_rate: float, skip_learning_rate: float | None = None
 ) -> list[dict]:
     """
-    The corrector's parameters for its optimizer: one group, or two with `skip_learning_rate` (a global skip weight
-    alone in the second). `base_lr` is the learning rate that `meta_lr_follows_schedule` scales.
+    The corrector's parameters for its optimizer: one group, or two with `skip_learning_rate` (the gate's own scalars,
+    a global skip weight or the confidence gate's slope, alone in the second). `base_lr` is the learning rate that
+    `meta_lr_follows_schedule` scales.
     """
-    skip_logit = getattr(corrector, "skip_logit", None)
-    if skip_logit is None or skip_learning_rate is None:
+    gate = [
+        param for name in ("skip_logit", "confidence_slope") if (param := getattr(corrector, name, None)) is not None
+    ]
+    if not gate or skip_learning_rate is None:
         return [{"params": list(corrector.parameters()), "base_lr": learning_rate}]
-    others = [param for param in corrector.parameters() if param is not skip_logit]
+    others = [param for param in corrector.parameters() if all(param is not g for g in gate)]
     return [
         {"params": others, "base_lr": learning_rate},
-        {"params": [skip_logit], "lr": skip_learning_rate, "base_lr": skip_learning_rate},
+        {"params": gate, "lr": skip_learning_rate, "base_lr": skip_learning_rate},
     ]
 
 

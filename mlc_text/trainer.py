@@ -144,6 +144,7 @@ class MLCTrainer(CleanDataTrainer):
                 skip_connection=self.args.skip_connection,
                 skip_init=self.args.skip_init,
                 teacher=self.args.corrector_teacher,
+                confidence_gate=self.args.confidence_gate,
             )
 
     # ---------------------------------------------------------------------------------------------- the step
@@ -308,6 +309,9 @@ class MLCTrainer(CleanDataTrainer):
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        slope = getattr(self.corrector, "confidence_slope", None)
+        if slope is not None and "loss" in logs:  # a training log: where the confidence gate's slope stands
+            logs["confidence_slope"] = round(float(slope), 4)
         super().log(logs, start_time)  # adds the means of the recorded signals to `logs`
         self._warn_on_signals(logs)
 
