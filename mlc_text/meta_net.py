@@ -128,7 +128,7 @@ class LabelCorrector(nn.Module):
         self._init_weights()
         if self.skip_connection == "per_example":
             nn.init.constant_(self.mlp[-1].bias[-1], float(skip_init))
-        if self.reads_main_logits:  # start from the main net's prediction: no class output of the MLP's own
+        if teacher == "main_net":  # start from the main net's prediction: no class output of the MLP's own
             with torch.no_grad():
                 self.mlp[-1].weight[:num_labels].zero_()
         self.last_skip_weight: torch.Tensor | None = None  # mean s of the last call, for logging
@@ -161,9 +161,8 @@ class LabelCorrector(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         class_logits = logits[:, : self.num_labels]
         if self.reads_main_logits and main_logits is None:
-            raise ValueError(
-                "a corrector with teacher='main_net' or confidence_gate needs the main net's logits (main_logits)"
-            )
+            what = "teacher='main_net'" if self.config["teacher"] == "main_net" else "confidence_gate"
+            raise ValueError(f"a corrector with {what} needs the main net's logits (main_logits)")
         if self.config["teacher"] == "main_net":
             class_logits = class_logits + main_logits.detach().to(class_logits.dtype)
         corrected = torch.softmax(class_logits, dim=-1)

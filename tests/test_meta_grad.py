@@ -38,13 +38,23 @@ def make_setup(
     seed=0,
     attn_implementation="eager",
     teacher="none",
+    confidence_gate=False,
 ):
     model = tiny_bert(NUM_LABELS, seed=seed, dropout=dropout, attn_implementation=attn_implementation)
     model = model.to(dtype).train()
     torch.manual_seed(seed + 1)
     corrector = LabelCorrector(
-        NUM_LABELS, 32, hidden_size=16, label_embedding_size=8, skip_connection=skip_connection, teacher=teacher
+        NUM_LABELS,
+        32,
+        hidden_size=16,
+        label_embedding_size=8,
+        skip_connection=skip_connection,
+        teacher=teacher,
+        confidence_gate=confidence_gate,
     )
+    if confidence_gate:  # as after some meta steps: the slope no longer zero
+        with torch.no_grad():
+            corrector.confidence_slope.fill_(0.7)
     if teacher != "none":  # as after some meta steps: the MLP's own class outputs no longer zero
         with torch.no_grad():
             corrector.mlp[-1].weight.normal_(std=0.3)
@@ -176,11 +186,19 @@ def test_reference_matches_finite_differences(
 @pytest.mark.parametrize("optimizer_name", ["sgd", "sgd_dampened", "adamw"])
 @pytest.mark.parametrize("clean_in_main_loss", [True, False])
 @pytest.mark.parametrize(
-    "skip_connection,teacher",
-    [("none", "none"), ("global", "none"), ("per_example", "none"), ("per_example", "main_net")],
+    "skip_connection,teacher,confidence_gate",
+    [
+        ("none", "none", False),
+        ("global", "none", False),
+        ("per_example", "none", False),
+        ("per_example", "main_net", False),
+        ("per_example", "none", True),
+    ],
 )
-def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection, teacher):
-    model, corrector, optimizer, batch = make_setup(optimizer_name, skip_connection=skip_connection, teacher=teacher)
+def test_jvp_matches_reference_float64(optimizer_name, clean_in_main_loss, skip_connection, teacher, confidence_gate):
+    model, corrector, optimizer, batch = make_setup(
+        optimizer_name, skip_connection=skip_connection, teacher=teacher, confidence_gate=confidence_gate
+    )
     head = find_head_module(model)
     outputs = {
         path: meta_step(

@@ -134,3 +134,79 @@ def test_correct_passes_main_logits_only_to_a_corrector_that_reads_them():
 def test_a_saved_corrector_keeps_its_teacher(tmp_path):
     LabelCorrector(3, 8, hidden_size=16, label_embedding_size=4, teacher="main_net").save_pretrained(tmp_path)
     assert LabelCorrector.from_pretrained(tmp_path).reads_main_logits
+
+
+def test_given_label_confidence_is_the_standardised_log_probability_of_the_given_label():
+    from mlc_text.meta_net import given_label_confidence
+
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -1.0]]), torch.tensor([0, 0, 1, 1])
+    log_prob = torch.log_softmax(logits, -1)[torch.arange(4), labels]
+    expected = (log_prob - log_prob.mean()) / log_prob.std()
+    torch.testing.assert_close(given_label_confidence(logits, labels), expected, atol=1e-5, rtol=1e-5)
+    assert given_label_confidence(logits, labels)[0] > 0 > given_label_confidence(logits, labels)[3]
+    torch.testing.assert_close(given_label_confidence(logits[:1], labels[:1]), torch.zeros(1))
+
+
+def test_confidence_gate_starts_as_the_plain_per_row_gate_and_adds_slope_times_confidence():
+    from mlc_text.meta_net import given_label_confidence
+
+    features, labels, main_logits = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2]), torch.randn(6, 3)
+    correctors = {}
+    for gate in (False, True):
+        torch.manual_seed(0)
+        correctors[gate] = LabelCorrector(
+            3,
+            8,
+            hidden_size=16,
+            label_embedding_size=4,
+            skip_connection="per_example",
+            skip_init=2.0,
+            confidence_gate=gate,
+        )
+    plain, gated = correctors[False], correctors[True]
+    assert gated.reads_main_logits and not plain.reads_main_logits
+    torch.testing.assert_close(gated(features, labels, main_logits=main_logits), plain(features, labels))
+    with torch.no_grad():
+        gated.confidence_slope.fill_(1.5)
+    hidden = torch.cat([features, gated.label_embedding(labels)], dim=-1)
+    raw = gated.mlp(hidden)
+    mix = torch.sigmoid(raw[:, 3:] + 1.5 * given_label_confidence(main_logits, labels)[:, None])
+    expected = mix * torch.nn.functional.one_hot(labels, 3) + (1 - mix) * torch.softmax(raw[:, :3], -1)
+    torch.testing.assert_close(gated(features, labels, main_logits=main_logits), expected)
+    with pytest.raises(ValueError, match="confidence_gate needs the main net's logits"):
+        gated(features, labels)
+    with pytest.raises(ValueError, match="confidence_gate needs skip_connection='per_example', got 'global'"):
+        LabelCorrector(3, 8, skip_connection="global", confidence_gate=True)
+
+
+def test_a_push_common_to_every_row_does_not_move_the_confidence_slope():
+    # Every row's gate at the same value and the same upstream gradient on its trust: the slope's gradient is the
+    # sum of that gradient times a confidence that sums to zero over the batch, so zero; a row-level signal moves it.
+    torch.manual_seed(0)
+    corrector = LabelCorrector(
+        2,
+        8,
+        hidden_size=16,
+        label_embedding_size=4,
+        skip_connection="per_example",
+        skip_init=2.0,
+        confidence_gate=True,
+    )
+    with torch.no_grad():
+        corrector.mlp[-1].weight.zero_()  # every row's gate logit = skip_init, its class distribution uniform
+    features, labels, main_logits = torch.randn(8, 8), torch.tensor([0, 1] * 4), torch.randn(8, 2)
+    onehot = torch.nn.functional.one_hot(labels, 2).float()
+    corrected = corrector(features, labels, main_logits=main_logits)
+    (common,) = torch.autograd.grad(corrected, corrector.confidence_slope, onehot)  # the same push on every row
+    assert abs(common.item()) < 1e-6
+    trust_more_where_confident = onehot * given_label_confidence_sign(main_logits, labels)[:, None]
+    (row_level,) = torch.autograd.grad(
+        corrector(features, labels, main_logits=main_logits), corrector.confidence_slope, trust_more_where_confident
+    )
+    assert row_level.item() > 1e-3
+
+
+def given_label_confidence_sign(main_logits, labels):
+    from mlc_text.meta_net import given_label_confidence
+
+    return torch.sign(given_label_confidence(main_logits, labels))

@@ -137,8 +137,13 @@ def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"skip_learning_rate": 0.1}, "needs skip_connection='global'"),
-        ({"skip_learning_rate": 0.1, "skip_connection": "per_example"}, "needs skip_connection='global'"),
+        ({"skip_learning_rate": 0.1}, "needs skip_connection='global' or confidence_gate=True"),
+        ({"skip_learning_rate": 0.1, "skip_connection": "per_example"}, "needs skip_connection='global' or confid"),
+        ({"confidence_gate": True, "skip_connection": "global"}, "confidence_gate=True needs skip_connection='per_ex"),
+        (
+            {"confidence_gate": True, "corrector_supervision_interval": 5},
+            "confidence_gate=True is not accepted with corrector_warm_start_steps=0 or corrector_supervision_interval=5",
+        ),
         ({"skip_connection": "sometimes"}, "skip_connection must be one of none, global, per_example"),
         ({"meta_split": "folds"}, "meta_split must be one of none, batch, rows, got 'folds'"),
         ({"meta_split": "rows", "meta_split_fraction": 1.0}, "meta_split_fraction must be in"),
@@ -154,6 +159,20 @@ def test_skip_learning_rate_moves_the_skip_weight_alone(tmp_path):
 def test_skip_learning_rate_is_checked(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
+
+
+def test_confidence_gate_slope_learns_at_the_skip_learning_rate_and_is_logged(tmp_path):
+    trainer = make_trainer(
+        tmp_path, skip_connection="per_example", skip_init=2.0, confidence_gate=True, skip_learning_rate=0.05
+    )
+    assert trainer.corrector.confidence_slope.item() == 0.0
+    trainer.train()
+    groups = trainer.meta_optimizer.param_groups
+    assert groups[1]["params"] == [trainer.corrector.confidence_slope] and groups[1]["base_lr"] == 0.05
+    slopes = [entry["confidence_slope"] for entry in trainer.state.log_history if "confidence_slope" in entry]
+    assert len(slopes) == 3 and slopes[-1] == pytest.approx(trainer.corrector.confidence_slope.item(), abs=1e-4)
+    # Adam moves a scalar about one learning rate per step: six meta steps at 0.05 (decaying) leave it well off 0
+    assert 0.01 < abs(slopes[-1]) < 0.3
 
 
 def test_main_net_teacher_trains_and_starts_from_the_main_nets_prediction(tmp_path):
