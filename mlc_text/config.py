@@ -124,6 +124,11 @@ class MLCTrainingArguments(TrainingArguments):
             docs/RESULTS.md and docs/PERFORMANCE.md), for the other methods `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
             Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
+        clean_in_main_loss_epochs (`float` or `None`, *optional*, defaults to `None`):
+            With `clean_in_main_loss`, the clean batch enters the main loss only while fewer than this many epochs
+            over the noisy rows are done; after that it is the meta objective's alone. `None`: throughout. Repeated
+            in every step, the few trusted rows are fitted by the main net during the noisy stage, so that the meta
+            objective and the clean stage have little left to correct.
         reuse_clean_pass (`bool`, *optional*, defaults to `True`):
             With `clean_in_main_loss`, take the clean term of a step's main loss from the previous meta step's clean
             pass at w' instead of a new forward/backward: the virtual step reproduces the real one (clipping
@@ -228,6 +233,10 @@ class MLCTrainingArguments(TrainingArguments):
     clean_in_main_loss: bool = field(
         default=True, metadata={"help": "Also train the main net on the clean batch with its true labels."}
     )
+    clean_in_main_loss_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs over the noisy rows with the clean batch in the main loss (None: all of them)."},
+    )
     reuse_clean_pass: bool = field(
         default=True,
         metadata={
@@ -299,6 +308,10 @@ class MLCTrainingArguments(TrainingArguments):
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
+        if self.clean_in_main_loss_epochs is not None and not self.clean_in_main_loss_epochs > 0:
+            raise ValueError(
+                f"clean_in_main_loss_epochs must be > 0 or None (throughout), got {self.clean_in_main_loss_epochs}"
+            )
         if self.meta_weight_decay < 0:
             raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay}")
         for name in ("meta_hidden_size", "label_embedding_size", "gradient_steps", "meta_update_interval"):

@@ -193,7 +193,7 @@ class MLCTrainer(CleanDataTrainer):
     ) -> MainStep:
         """MLC's part of a step: the meta step (every `meta_update_interval` steps; else the main loss alone)."""
         common = {
-            "clean_in_main_loss": self.args.clean_in_main_loss,
+            "clean_in_main_loss": self.clean_in_main_loss_now(),
             "reduce": self.reduce,
             "autocast": self.compute_loss_context_manager,
             "carried_clean_pass": self._take_carried_clean_pass(),
@@ -229,6 +229,11 @@ class MLCTrainer(CleanDataTrainer):
         meta_rows = self.next_batch_of(self.meta_batches) if self.args.meta_split == "rows" else None
         return with_meta_objective(batch, self.args.meta_split, meta_rows)
 
+    def clean_in_main_loss_now(self) -> bool:
+        """Whether this step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
+        limit = self.args.clean_in_main_loss_epochs
+        return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
+
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9
 
@@ -245,7 +250,7 @@ class MLCTrainer(CleanDataTrainer):
         # objective must be the clean batch of the main loss.
         return (
             self.args.reuse_clean_pass
-            and self.args.clean_in_main_loss
+            and self.clean_in_main_loss_now()
             and self.args.gradient_accumulation_steps == 1
             and self.args.meta_split == "none"
         )

@@ -161,6 +161,43 @@ def test_skip_learning_rate_is_checked(tmp_path, settings, message):
         MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
 
 
+def test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_after_that_many_epochs(
+    tmp_path, monkeypatch
+):
+    # 96 noisy rows, batch 8: 12 steps an epoch. With the limit at 1 epoch, the steps of the first epoch (meta steps
+    # and the steps between) train on the clean batch and those of the second do not; without it, all of them do.
+    seen = []
+    for name in ("meta_step", "corrected_label_step"):
+        original = getattr(trainer_module, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs["clean_in_main_loss"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, name, spy)
+    for limit, expected in ((1.0, [True] * 12 + [False] * 12), (None, [True] * 24)):
+        seen.clear()
+        trainer = make_trainer(
+            tmp_path, max_steps=-1, num_train_epochs=2, meta_update_interval=2, clean_in_main_loss_epochs=limit
+        )
+        trainer.train()
+        assert seen == expected
+
+
+def test_clean_in_main_loss_epochs_changes_nothing_within_its_epochs(tmp_path):
+    runs = {}
+    for limit in (None, 1.0):
+        trainer = make_trainer(
+            tmp_path / str(limit), max_steps=-1, num_train_epochs=1, clean_in_main_loss_epochs=limit
+        )
+        trainer.train()
+        runs[limit] = trainer
+    for (name, before), after in zip(runs[None].model.named_parameters(), runs[1.0].model.parameters()):
+        torch.testing.assert_close(after, before, msg=name)
+    with pytest.raises(ValueError, match="clean_in_main_loss_epochs must be > 0 or None"):
+        MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=0)
+
+
 def test_confidence_gate_slope_learns_at_the_skip_learning_rate_and_is_logged(tmp_path):
     trainer = make_trainer(
         tmp_path, skip_connection="per_example", skip_init=2.0, confidence_gate=True, skip_learning_rate=0.05
