@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rows import BENCH_BATCH_SIZE, KEY_FIELDS, RUN_FILE, mlc_protocol, row_value, run_folder_name  # noqa: E402
+from bench.rows import (  # noqa: E402
+    BENCH_BATCH_SIZE,
+    KEY_FIELDS,
+    RUN_FILE,
+    clean_epochs,
+    mlc_protocol,
+    row_value,
+    run_folder_name,
+)
 from mlc_text.config import MLCTrainingArguments  # noqa: E402
 from mlc_text.data import CORPORA  # noqa: E402
 from mlc_text.meta_grad import resolve_meta_gradient  # noqa: E402
@@ -199,8 +207,12 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 run["meta_gradient"] = resolve_meta_gradient(
                     args.mlc_settings.get("meta_gradient", MLCTrainingArguments.meta_gradient), args.precision
                 )
-                for name, default in mlc_protocol(args.batch_size).items():  # as it runs, the defaults resolved
+                for name, default in mlc_protocol(args.batch_size, epochs).items():  # as it runs, defaults resolved
                     run[name] = args.mlc_settings.get(name, default)
+                limit = args.mlc_settings.get(
+                    "clean_in_main_loss_epochs", MLCTrainingArguments.clean_in_main_loss_epochs
+                )
+                run["clean_in_main_loss_epochs"] = clean_epochs(limit, epochs)
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

@@ -49,6 +49,10 @@ KEY_FIELDS = (
     # day); rows written before the fields existed ran the settings' values, else 32 (the batch) and 1.
     "clean_batch_size",
     "meta_update_interval",
+    # How many of an MLC run's epochs over the noisy rows had the clean batch in the main loss (its
+    # clean_in_main_loss_epochs, capped at the run's epochs; without the setting, all of them): a one-epoch run is the
+    # same whether the limit is one epoch or none, a three-epoch run is not.
+    "clean_in_main_loss_epochs",
 )
 
 # The benchmark's batch size (bench/accuracy.py --batch_size), which every row ran with.
@@ -71,16 +75,30 @@ def settings_of(row: dict) -> dict:
     return settings
 
 
-def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE) -> dict:
+def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE, epochs: float = 1.0) -> dict:
     """
     The MLC settings whose package defaults changed over the rows' history, at today's defaults for a noisy batch of
-    `batch_size`. Every MLC row records them as it ran (key fields above), so rows of two days' defaults differ.
+    `batch_size` and a run of `epochs`. Every MLC row records them as it ran (key fields above), so rows of two days'
+    defaults differ.
     """
     return {
         "clean_batch_size": default_clean_batch_size(batch_size),
         "finish_on_clean": MLC_FINISHES_ON_CLEAN,
         "meta_update_interval": MLCTrainingArguments.meta_update_interval,
+        "clean_in_main_loss_epochs": clean_epochs(MLCTrainingArguments.clean_in_main_loss_epochs, epochs),
     }
+
+
+def clean_epochs(limit: float | None, epochs: float) -> float:
+    """The epochs of a run of `epochs` with the clean batch in the main loss, under `clean_in_main_loss_epochs=limit`."""
+    return float(epochs if limit is None else min(limit, epochs))
+
+
+def _clean_epochs_of(row: dict) -> float | None:
+    """An MLC row's `clean_in_main_loss_epochs` from before it was recorded: its settings' limit (else none)."""
+    if row.get("method") != "mlc":
+        return None
+    return clean_epochs(settings_of(row).get("clean_in_main_loss_epochs"), row.get("epochs", 1.0))
 
 
 def _legacy_setting(name: str, before):
@@ -107,6 +125,7 @@ LEGACY_DEFAULTS = {
     "finish_on_clean": _legacy_setting("finish_on_clean", False),
     "clean_batch_size": _legacy_setting("clean_batch_size", BENCH_BATCH_SIZE),
     "meta_update_interval": _legacy_setting("meta_update_interval", 1),
+    "clean_in_main_loss_epochs": _clean_epochs_of,
 }
 
 

@@ -124,11 +124,12 @@ class MLCTrainingArguments(TrainingArguments):
             docs/RESULTS.md and docs/PERFORMANCE.md), for the other methods `per_device_train_batch_size`.
         clean_in_main_loss (`bool`, *optional*, defaults to `True`):
             Whether the clean batch also trains the main net with its true labels, as in the paper's kernel.
-        clean_in_main_loss_epochs (`float` or `None`, *optional*, defaults to `None`):
+        clean_in_main_loss_epochs (`float` or `None`, *optional*, defaults to `1.0`):
             With `clean_in_main_loss`, the clean batch enters the main loss only while fewer than this many epochs
-            over the noisy rows are done; after that it is the meta objective's alone. `None`: throughout. Repeated
-            in every step, the few trusted rows are fitted by the main net during the noisy stage, so that the meta
-            objective and the clean stage have little left to correct.
+            over the noisy rows are done; after that it is the meta objective's alone. `None` (`inf` on the command
+            line): throughout. Repeated in every step, the few trusted rows are fitted by the main net during the
+            noisy stage, so that over several epochs the meta objective and the clean stage have little left to
+            correct (docs/method.md). A run of one epoch is the same with or without the limit.
         reuse_clean_pass (`bool`, *optional*, defaults to `True`):
             With `clean_in_main_loss`, take the clean term of a step's main loss from the previous meta step's clean
             pass at w' instead of a new forward/backward: the virtual step reproduces the real one (clipping
@@ -234,8 +235,8 @@ class MLCTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Also train the main net on the clean batch with its true labels."}
     )
     clean_in_main_loss_epochs: float | None = field(
-        default=None,
-        metadata={"help": "Epochs over the noisy rows with the clean batch in the main loss (None: all of them)."},
+        default=1.0,
+        metadata={"help": "Epochs over the noisy rows with the clean batch in the main loss (inf: every epoch)."},
     )
     reuse_clean_pass: bool = field(
         default=True,

@@ -316,7 +316,7 @@ class MLCTrainer(CleanDataTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         slope = getattr(self.corrector, "confidence_slope", None)
         if slope is not None and "loss" in logs:  # a training log: where the confidence gate's slope stands
-            logs["confidence_slope"] = round(float(slope), 4)
+            logs["confidence_slope"] = round(slope.detach().item(), 4)
         super().log(logs, start_time)  # adds the means of the recorded signals to `logs`
         self._warn_on_signals(logs)
 

@@ -54,6 +54,40 @@ def test_validation_size_is_part_of_the_key(tmp_path, data_dir):
     assert accuracy.run_key(default) in done and accuracy.run_key(small) not in done
 
 
+def test_clean_in_main_loss_epochs_is_recorded_as_the_epochs_it_covered(tmp_path, data_dir):
+    accuracy, report, rows = load("accuracy"), load("report"), load("rows")
+    from mlc_text.config import MLCTrainingArguments
+
+    argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "--seeds", "0"]
+    one, three = (accuracy.grid(accuracy.parse_args([*argv, "--epochs", epochs]))[0] for epochs in ("1", "3"))
+    limit = MLCTrainingArguments.clean_in_main_loss_epochs
+    assert one["clean_in_main_loss_epochs"] == 1.0
+    assert three["clean_in_main_loss_epochs"] == (3.0 if limit is None else min(limit, 3.0))
+    limited_args = accuracy.parse_args([*argv, "--epochs", "3", "--mlc_settings", "clean_in_main_loss_epochs=1"])
+    limited = accuracy.grid(limited_args)[0]
+    assert limited["clean_in_main_loss_epochs"] == 1.0
+    # rows from before the field: their settings' limit, else none, capped at their epochs
+    name = "clean_in_main_loss_epochs"
+    assert rows.row_value({"method": "mlc", "epochs": 1.0}, name) == 1.0
+    assert rows.row_value({"method": "mlc", "epochs": 3.0}, name) == 3.0
+    assert rows.row_value({"method": "mlc", "epochs": 3.0, "mlc_settings": "clean_in_main_loss_epochs=1"}, name) == 1.0
+    assert rows.row_value({"method": "finetune", "epochs": 3.0}, name) is None
+    # one epoch is the same run under either limit: an older row of it keeps its key and its label
+    older = {key: value for key, value in one.items() if key != name}
+    assert accuracy.run_key(older) == accuracy.run_key(one)
+    assert report.method_label(older) == report.method_label(one) == "mlc"
+    # at three epochs the limit is part of the variant's name unless it is today's default
+    old_three = {key: value for key, value in three.items() if key != name}
+    names = {report.method_label(old_three), report.method_label(limited)}
+    expected = {"mlc", "mlc@0.0003[clean_in_main_loss_epochs=1.0]"}
+    if limit is not None:
+        expected = {"mlc", "mlc@0.0003[clean_in_main_loss_epochs=3.0]"}
+    assert names == expected
+    # without the clean batch in the main loss its epochs are no part of the name
+    without = {**old_three, "mlc_settings": "clean_in_main_loss=false", "mlc_defaults": False}
+    assert report.method_label(without) == "mlc@0.0003[clean_in_main_loss=false]"
+
+
 def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
     accuracy = load("accuracy")
     argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "finetune"]
@@ -382,6 +416,7 @@ def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_
 
 
 # What bench/accuracy.py writes for an MLC run of today's defaults.
+# (for one epoch: how many epochs have the clean batch in the main loss depends on the run's)
 TODAYS_MLC_DEFAULTS = {"mlc_defaults": True, **load("rows").mlc_protocol()}
 
 
@@ -399,7 +434,7 @@ def _cell_rows(epochs: float, accuracies: dict[str, float], noise_rate: float = 
             if method == "mlc":
                 row["meta_learning_rate"] = 3e-4
                 row["meta_gradient"] = "fd"  # what the defaults' "auto" runs in fp32
-                row.update(TODAYS_MLC_DEFAULTS, mlc_defaults=not settings)
+                row.update(load("rows").mlc_protocol(epochs=epochs), mlc_defaults=not settings)
                 if settings:
                     row["mlc_settings"] = settings.rstrip("]")
             rows.append(row)

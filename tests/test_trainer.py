@@ -64,6 +64,9 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         # test_mlc_defaults_to_a_quarter_of_the_batch_as_clean_batch_and_a_meta_step_every_fifth_step)
         "meta_update_interval": 1,
         "clean_batch_size": overrides.get("per_device_train_batch_size", 8),
+        # the clean batch in the main loss in every epoch, the paper's (the default keeps it for the first epoch only:
+        # test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_after_that_many_epochs)
+        "clean_in_main_loss_epochs": None,
         "max_steps": 6,
         "report_to": "none",
         "use_cpu": True,
@@ -175,7 +178,7 @@ def test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_afte
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(trainer_module, name, spy)
-    for limit, expected in ((1.0, [True] * 12 + [False] * 12), (None, [True] * 24)):
+    for limit, expected in ((1.0, [True] * 12 + [False] * 12), (None, [True] * 24), (float("inf"), [True] * 24)):
         seen.clear()
         trainer = make_trainer(
             tmp_path, max_steps=-1, num_train_epochs=2, meta_update_interval=2, clean_in_main_loss_epochs=limit
@@ -194,6 +197,10 @@ def test_clean_in_main_loss_epochs_changes_nothing_within_its_epochs(tmp_path):
         runs[limit] = trainer
     for (name, before), after in zip(runs[None].model.named_parameters(), runs[1.0].model.parameters()):
         torch.testing.assert_close(after, before, msg=name)
+    from mlc_text.arguments import parse_args
+
+    *_, parsed = parse_args(["--output_dir", str(tmp_path), "--clean_in_main_loss_epochs", "inf", "--use_cpu", "true"])
+    assert parsed.clean_in_main_loss_epochs == float("inf")  # the command line's "throughout"
     with pytest.raises(ValueError, match="clean_in_main_loss_epochs must be > 0 or None"):
         MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=0)
 
