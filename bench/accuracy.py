@@ -212,6 +212,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 limit = args.mlc_settings.get(
                     "clean_in_main_loss_epochs", MLCTrainingArguments.clean_in_main_loss_epochs
                 )
+                if args.mlc_settings.get("clean_in_main_loss") is False:  # no clean batch in the main loss: no limit
+                    limit = None
                 run["clean_in_main_loss_epochs"] = clean_epochs(limit, epochs)
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)

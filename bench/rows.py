@@ -89,16 +89,25 @@ def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE, epochs: float = 1.0) -> dic
     }
 
 
-def clean_epochs(limit: float | None, epochs: float) -> float:
-    """The epochs of a run of `epochs` with the clean batch in the main loss, under `clean_in_main_loss_epochs=limit`."""
-    return float(epochs if limit is None else min(limit, epochs))
+def clean_epochs(limit: float | str | None, epochs: float) -> float:
+    """
+    What a run of `epochs` records as its `clean_in_main_loss_epochs` under that setting's `limit`: the epochs with
+    the clean batch in the main loss, all of them without a limit (and for a run without the clean batch in the main
+    loss, whose limit does not apply).
+    """
+    return float(epochs if limit is None else min(float(limit), epochs))  # float: "inf" from --mlc_settings
 
 
 def _clean_epochs_of(row: dict) -> float | None:
-    """An MLC row's `clean_in_main_loss_epochs` from before it was recorded: its settings' limit (else none)."""
+    """
+    An MLC row's `clean_in_main_loss_epochs` from before it was recorded: its settings' limit, else none (all its
+    epochs, as for every row without the clean batch in the main loss).
+    """
     if row.get("method") != "mlc":
         return None
-    return clean_epochs(settings_of(row).get("clean_in_main_loss_epochs"), row.get("epochs", 1.0))
+    settings = settings_of(row)
+    limit = None if settings.get("clean_in_main_loss") is False else settings.get("clean_in_main_loss_epochs")
+    return clean_epochs(limit, row.get("epochs", 1.0))
 
 
 def _legacy_setting(name: str, before):

@@ -175,8 +175,8 @@ class _GivenLabelTrainer(CleanDataTrainer):
 class L2RWTrainer(_GivenLabelTrainer):
     """
     Learning to Reweight: each step weights the noisy batch by [`~mlc_text.l2rw.l2rw_weights`] and trains on the
-    weighted loss (plus the clean batch when `clean_in_main_loss`, as MLC does, so the two differ only in how they
-    use the noisy rows).
+    weighted loss (plus the clean batch when `clean_in_main_loss`, for `clean_in_main_loss_epochs`, as MLC does, so
+    the two differ only in how they use the noisy rows).
     """
 
     _tag_names = list(get_method("l2rw").tags)
@@ -190,7 +190,7 @@ class L2RWTrainer(_GivenLabelTrainer):
             autocast=self.compute_loss_context_manager,
             loss_scale=loss_scale,
         )
-        loss, grads, _ = self._given_label_step(model, batch, loss_scale, weights, self.args.clean_in_main_loss)
+        loss, grads, _ = self._given_label_step(model, batch, loss_scale, weights, self.clean_in_main_loss_now())
         record = functools.partial(self._record, weights, clean_loss, batch.noisy_labels, true_labels)
         return MainStep(loss, grads, record=record)
 
@@ -211,6 +211,8 @@ class CleanBatchFinetuneTrainer(_GivenLabelTrainer):
     ones (and of [`L2RWTrainer`] with equal weights). The clean rows get far more weight than in `finetune`, which
     mixes them into the noisy rows once per epoch; this control tells how much of MLC's or L2RW's result comes from
     that weight rather than from correcting or weighting the noisy rows.
+
+    The clean batch is in every step's loss: `clean_in_main_loss_epochs` does not apply.
 
     Raises:
         ValueError: with `clean_in_main_loss=False` (the clean batch is the point of this method).

@@ -87,8 +87,10 @@ class MLCTrainingArguments(TrainingArguments):
         confidence_gate (`bool`, *optional*, defaults to `False`):
             The per-row skip weight also reads the main net's confidence in the given label (its log-probability,
             standardised over the batch) through one learned slope starting at 0; needs
-            `skip_connection="per_example"`. The slope's meta-gradient carries only which rows to trust more than the
-            others, none of the push common to every row. Give the slope a learning rate with `skip_learning_rate`.
+            `skip_connection="per_example"`. The confidence sums to zero over the batch, so a push of the same size
+            on every row's gate does not move the slope; what moves it is which rows to trust more than the others.
+            Give the slope a learning rate with `skip_learning_rate`. Standardised per batch, a row's corrected label
+            depends on the rows beside it (`correct_labels` too, per evaluation batch).
         skip_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the gate's own scalars alone (the global skip weight's logit, or the confidence gate's
             slope); `None` uses `meta_learning_rate`. Adam moves a scalar by about one learning rate per step whatever
@@ -309,6 +311,13 @@ class MLCTrainingArguments(TrainingArguments):
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
+        if isinstance(self.clean_in_main_loss_epochs, str):  # "inf" from a JSON or YAML file of arguments
+            try:
+                self.clean_in_main_loss_epochs = float(self.clean_in_main_loss_epochs)
+            except ValueError:
+                raise ValueError(
+                    f"clean_in_main_loss_epochs must be a number > 0, inf or None, got {self.clean_in_main_loss_epochs!r}"
+                ) from None
         if self.clean_in_main_loss_epochs is not None and not self.clean_in_main_loss_epochs > 0:
             raise ValueError(
                 f"clean_in_main_loss_epochs must be > 0 or None (throughout), got {self.clean_in_main_loss_epochs}"

@@ -78,8 +78,8 @@ class LabelCorrector(nn.Module):
         confidence_gate (`bool`, defaults to `False`): With `skip_connection="per_example"`, the row's skip logit
             also reads the main net's confidence in the given label: `+ slope * z`, z = the main net's detached
             log-probability of the given label standardised over the batch, `slope` a learned scalar starting at 0
-            (so the corrector starts as without it). Since z sums to zero over the batch, the meta-gradient of the
-            slope carries no push common to every row, only which rows to trust more than the others.
+            (so the corrector starts as without it). Since z sums to zero over the batch, a push of the same size on
+            every row's gate leaves the slope alone; what moves it is which rows to trust more than the others.
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class LabelCorrector(nn.Module):
                 that the meta-gradient never flows into the main net.
             noisy_labels (`torch.LongTensor` of shape `(batch,)`): The given (possibly wrong) labels.
             main_logits (`torch.Tensor` of shape `(batch, num_labels)`, *optional*): The main net's logits for the
-                rows (detached here); needed, and only read, with `teacher="main_net"`.
+                rows (detached here); needed, and only read, with `teacher="main_net"` or `confidence_gate`.
 
         Returns:
             `torch.Tensor` of shape `(batch, num_labels)`: corrected labels, rows summing to 1.
@@ -202,7 +202,7 @@ class LabelCorrector(nn.Module):
 def given_label_confidence(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """
     Log-probability of each row's given label under `logits`, standardised over the rows (mean 0, standard deviation
-    1; all zeros for a single row or rows that are all alike).
+    1; all zeros for a single row or rows whose log-probabilities are equal, up to `eps`).
     """
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
     if log_prob.numel() < 2:

@@ -229,11 +229,6 @@ class MLCTrainer(CleanDataTrainer):
         meta_rows = self.next_batch_of(self.meta_batches) if self.args.meta_split == "rows" else None
         return with_meta_objective(batch, self.args.meta_split, meta_rows)
 
-    def clean_in_main_loss_now(self) -> bool:
-        """Whether this step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
-        limit = self.args.clean_in_main_loss_epochs
-        return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
-
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9
 
@@ -258,7 +253,7 @@ class MLCTrainer(CleanDataTrainer):
     def _take_carried_clean_pass(self) -> CleanPass | None:
         """The carried clean pass if its w' is the current weights (exactly one real step since), else `None`."""
         carried, self._carried = self._carried, None
-        if carried is None or carried.for_step != self.state.global_step:
+        if carried is None or carried.for_step != self.state.global_step or not self.clean_in_main_loss_now():
             return None
         if getattr(self.accelerator, "optimizer_step_was_skipped", False):
             return None

@@ -58,33 +58,35 @@ def test_clean_in_main_loss_epochs_is_recorded_as_the_epochs_it_covered(tmp_path
     accuracy, report, rows = load("accuracy"), load("report"), load("rows")
     from mlc_text.config import MLCTrainingArguments
 
+    assert MLCTrainingArguments.clean_in_main_loss_epochs == 1.0  # today's default, which the names below assume
     argv = ["--data_dir", data_dir, "--output", str(tmp_path / "a.jsonl"), "--methods", "mlc", "--seeds", "0"]
-    one, three = (accuracy.grid(accuracy.parse_args([*argv, "--epochs", epochs]))[0] for epochs in ("1", "3"))
-    limit = MLCTrainingArguments.clean_in_main_loss_epochs
-    assert one["clean_in_main_loss_epochs"] == 1.0
-    assert three["clean_in_main_loss_epochs"] == (3.0 if limit is None else min(limit, 3.0))
-    limited_args = accuracy.parse_args([*argv, "--epochs", "3", "--mlc_settings", "clean_in_main_loss_epochs=1"])
-    limited = accuracy.grid(limited_args)[0]
-    assert limited["clean_in_main_loss_epochs"] == 1.0
-    # rows from before the field: their settings' limit, else none, capped at their epochs
+
+    def run(epochs, *settings):
+        extra = ["--mlc_settings", *settings] if settings else []
+        return accuracy.grid(accuracy.parse_args([*argv, "--epochs", epochs, *extra]))[0]
+
+    one, three = run("1"), run("3")
     name = "clean_in_main_loss_epochs"
+    assert (one[name], three[name]) == (1.0, 1.0)
+    assert run("3", "clean_in_main_loss_epochs=inf")[name] == 3.0  # the command line's "throughout"
+    without = run("3", "clean_in_main_loss=false")
+    assert without[name] == 3.0  # no clean batch in the main loss: the limit does not apply
+    # rows from before the field: their settings' limit, else none, capped at their epochs
     assert rows.row_value({"method": "mlc", "epochs": 1.0}, name) == 1.0
     assert rows.row_value({"method": "mlc", "epochs": 3.0}, name) == 3.0
     assert rows.row_value({"method": "mlc", "epochs": 3.0, "mlc_settings": "clean_in_main_loss_epochs=1"}, name) == 1.0
     assert rows.row_value({"method": "finetune", "epochs": 3.0}, name) is None
     # one epoch is the same run under either limit: an older row of it keeps its key and its label
-    older = {key: value for key, value in one.items() if key != name}
-    assert accuracy.run_key(older) == accuracy.run_key(one)
-    assert report.method_label(older) == report.method_label(one) == "mlc"
-    # at three epochs the limit is part of the variant's name unless it is today's default
-    old_three = {key: value for key, value in three.items() if key != name}
-    names = {report.method_label(old_three), report.method_label(limited)}
-    expected = {"mlc", "mlc@0.0003[clean_in_main_loss_epochs=1.0]"}
-    if limit is not None:
-        expected = {"mlc", "mlc@0.0003[clean_in_main_loss_epochs=3.0]"}
-    assert names == expected
-    # without the clean batch in the main loss its epochs are no part of the name
-    without = {**old_three, "mlc_settings": "clean_in_main_loss=false", "mlc_defaults": False}
+    older_one = {key: value for key, value in one.items() if key != name}
+    assert accuracy.run_key(older_one) == accuracy.run_key(one)
+    assert report.method_label(older_one) == report.method_label(one) == "mlc"
+    # at three epochs an older row of the defaults (the clean batch throughout) is that variant now
+    older_three = {key: value for key, value in three.items() if key != name}
+    assert report.method_label(three) == "mlc"
+    assert report.method_label(older_three) == "mlc@0.0003[clean_in_main_loss_epochs=3.0]"
+    # a run without the clean batch in the main loss keeps the key and the name of its older rows
+    older_without = {key: value for key, value in without.items() if key != name}
+    assert accuracy.run_key(older_without) == accuracy.run_key(without)
     assert report.method_label(without) == "mlc@0.0003[clean_in_main_loss=false]"
 
 

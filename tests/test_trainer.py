@@ -167,24 +167,63 @@ def test_skip_learning_rate_is_checked(tmp_path, settings, message):
 def test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_after_that_many_epochs(
     tmp_path, monkeypatch
 ):
-    # 96 noisy rows, batch 8: 12 steps an epoch. With the limit at 1 epoch, the steps of the first epoch (meta steps
+    # 104 noisy rows, batch 8: 13 steps an epoch. With the limit at 1 epoch, the steps of the first epoch (meta steps
     # and the steps between) train on the clean batch and those of the second do not; without it, all of them do.
-    seen = []
+    # A clean pass carried from the step before (the first epoch's last step is a meta step) is handed over only to a
+    # step that trains on the clean batch.
+    seen, carried = [], []
     for name in ("meta_step", "corrected_label_step"):
         original = getattr(trainer_module, name)
 
         def spy(*args, _original=original, **kwargs):
             seen.append(kwargs["clean_in_main_loss"])
+            carried.append(kwargs["carried_clean_pass"] is not None)
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(trainer_module, name, spy)
-    for limit, expected in ((1.0, [True] * 12 + [False] * 12), (None, [True] * 24), (float("inf"), [True] * 24)):
-        seen.clear()
+    noisy, clean = datasets(num_noisy=104)
+    for limit, expected in ((1.0, [True] * 13 + [False] * 13), (None, [True] * 26), (float("inf"), [True] * 26)):
+        seen.clear(), carried.clear()
         trainer = make_trainer(
-            tmp_path, max_steps=-1, num_train_epochs=2, meta_update_interval=2, clean_in_main_loss_epochs=limit
+            tmp_path,
+            noisy=noisy,
+            clean=clean,
+            max_steps=-1,
+            num_train_epochs=2,
+            meta_update_interval=2,
+            clean_in_main_loss_epochs=limit,
         )
         trainer.train()
         assert seen == expected
+        assert any(carried) and not any(took and not clean for took, clean in zip(carried, seen))
+
+
+def test_l2rw_follows_clean_in_main_loss_epochs_as_mlc_does(tmp_path, monkeypatch):
+    seen = []
+    original = L2RWTrainer._given_label_step
+
+    def spy(self, model, batch, loss_scale, weights=None, clean_term=True):
+        seen.append(clean_term)
+        return original(self, model, batch, loss_scale, weights, clean_term)
+
+    monkeypatch.setattr(L2RWTrainer, "_given_label_step", spy)
+    trainer = make_trainer(
+        tmp_path, trainer_class=L2RWTrainer, max_steps=-1, num_train_epochs=2, clean_in_main_loss_epochs=1.0
+    )
+    trainer.train()
+    assert seen == [True] * 12 + [False] * 12
+
+
+@pytest.mark.parametrize("value, expected", [("inf", float("inf")), ("2", 2.0), (None, None)])
+def test_clean_in_main_loss_epochs_reads_text_from_a_file_of_arguments(tmp_path, value, expected):
+    args = MLCTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=value
+    )
+    assert args.clean_in_main_loss_epochs == expected
+    with pytest.raises(ValueError, match="clean_in_main_loss_epochs must be a number > 0, inf or None, got 'soon'"):
+        MLCTrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs="soon"
+        )
 
 
 def test_clean_in_main_loss_epochs_changes_nothing_within_its_epochs(tmp_path):
