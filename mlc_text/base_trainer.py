@@ -133,11 +133,6 @@ class CleanDataTrainer(Trainer):
         self.clean_batches = self._clean_stream(clean_dataset, "clean", seed_offset=0)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list)}
 
-    def clean_in_main_loss_now(self) -> bool:
-        """Whether this step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
-        limit = self.args.clean_in_main_loss_epochs
-        return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
-
     def _warn_missing_classes(self, clean_dataset, num_labels: int) -> None:
         column = "label" if "label" in clean_dataset.column_names else "labels"
         missing = sorted(set(range(num_labels)) - set(int(label) for label in clean_dataset[column]))

@@ -175,8 +175,9 @@ class _GivenLabelTrainer(CleanDataTrainer):
 class L2RWTrainer(_GivenLabelTrainer):
     """
     Learning to Reweight: each step weights the noisy batch by [`~mlc_text.l2rw.l2rw_weights`] and trains on the
-    weighted loss (plus the clean batch when `clean_in_main_loss`, for `clean_in_main_loss_epochs`, as MLC does, so
-    the two differ only in how they use the noisy rows).
+    weighted loss (plus the clean batch when `clean_in_main_loss`, as MLC does, so the two differ only in how they
+    use the noisy rows). The clean batch is in every epoch's loss: `clean_in_main_loss_epochs` is MLC's alone (the
+    L2RW rows of the benchmark ran so).
     """
 
     _tag_names = list(get_method("l2rw").tags)
@@ -190,7 +191,7 @@ class L2RWTrainer(_GivenLabelTrainer):
             autocast=self.compute_loss_context_manager,
             loss_scale=loss_scale,
         )
-        loss, grads, _ = self._given_label_step(model, batch, loss_scale, weights, self.clean_in_main_loss_now())
+        loss, grads, _ = self._given_label_step(model, batch, loss_scale, weights, self.args.clean_in_main_loss)
         record = functools.partial(self._record, weights, clean_loss, batch.noisy_labels, true_labels)
         return MainStep(loss, grads, record=record)
 

@@ -131,7 +131,8 @@ class MLCTrainingArguments(TrainingArguments):
             over the noisy rows are done; after that it is the meta objective's alone. `None` (`inf` on the command
             line): throughout. Repeated in every step, the few trusted rows are fitted by the main net during the
             noisy stage, so that over several epochs the meta objective and the clean stage have little left to
-            correct (docs/method.md). A run of one epoch is the same with or without the limit.
+            correct (docs/method.md). A run of one epoch is the same with or without the limit. MLC's alone: `l2rw`
+            and `finetune_clean_batch` keep the clean batch in every epoch.
         reuse_clean_pass (`bool`, *optional*, defaults to `True`):
             With `clean_in_main_loss`, take the clean term of a step's main loss from the previous meta step's clean
             pass at w' instead of a new forward/backward: the virtual step reproduces the real one (clipping

@@ -229,6 +229,11 @@ class MLCTrainer(CleanDataTrainer):
         meta_rows = self.next_batch_of(self.meta_batches) if self.args.meta_split == "rows" else None
         return with_meta_objective(batch, self.args.meta_split, meta_rows)
 
+    def clean_in_main_loss_now(self) -> bool:
+        """Whether this MLC step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
+        limit = self.args.clean_in_main_loss_epochs
+        return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
+
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9
 
