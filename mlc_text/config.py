@@ -316,8 +316,9 @@ class MLCTrainingArguments(TrainingArguments):
             try:
                 self.clean_in_main_loss_epochs = float(self.clean_in_main_loss_epochs)
             except ValueError:
+                value = self.clean_in_main_loss_epochs
                 raise ValueError(
-                    f"clean_in_main_loss_epochs must be a number > 0, inf or None, got {self.clean_in_main_loss_epochs!r}"
+                    f"clean_in_main_loss_epochs must be a number > 0, inf or None, got {value!r}"
                 ) from None
         if self.clean_in_main_loss_epochs is not None and not self.clean_in_main_loss_epochs > 0:
             raise ValueError(

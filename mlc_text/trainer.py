@@ -230,7 +230,7 @@ class MLCTrainer(CleanDataTrainer):
         return with_meta_objective(batch, self.args.meta_split, meta_rows)
 
     def clean_in_main_loss_now(self) -> bool:
-        """Whether this MLC step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
+        """Whether this step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
         limit = self.args.clean_in_main_loss_epochs
         return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
 
