@@ -209,12 +209,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 )
                 for name, default in mlc_protocol(args.batch_size, epochs).items():  # as it runs, defaults resolved
                     run[name] = args.mlc_settings.get(name, default)
-                limit = args.mlc_settings.get(
-                    "clean_in_main_loss_epochs", MLCTrainingArguments.clean_in_main_loss_epochs
-                )
-                if args.mlc_settings.get("clean_in_main_loss") is False:  # no clean batch in the main loss: no limit
-                    limit = None
-                run["clean_in_main_loss_epochs"] = clean_epochs(limit, epochs)
+                # recorded as the epochs it covered, not as set
+                run["clean_in_main_loss_epochs"] = clean_epochs(args.mlc_settings, epochs)
             run["mlc_defaults"] = uses_mlc_defaults(run)
             runs.append(run)
     return runs

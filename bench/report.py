@@ -89,8 +89,9 @@ def mlc_variant(row: dict) -> tuple[float | None, str] | None:
     `mlc_defaults`, each setting of [`mlc_protocol`] it ran at another value than today's default (the defaults of an
     earlier day). `None` for a run of today's defaults: nothing left, at the default meta learning rate.
     """
-    today = mlc_protocol(epochs=row.get("epochs", 1.0))
-    settings = {key: json.dumps(value) for key, value in settings_of(row).items()}
+    own = settings_of(row)
+    today = mlc_protocol(epochs=row.get("epochs", 1.0), clean_in_main_loss=own.get("clean_in_main_loss") is not False)
+    settings = {key: json.dumps(value) for key, value in own.items()}
     # Rows from before `mlc_defaults` was recorded keep the label they always had (their other defaults differed too).
     if "mlc_defaults" in row:
         for name, default in today.items():
@@ -98,8 +99,6 @@ def mlc_variant(row: dict) -> tuple[float | None, str] | None:
             if name in settings or value != json.dumps(default):
                 settings[name] = value
         settings = {key: text for key, text in settings.items() if key not in today or text != json.dumps(today[key])}
-        if settings.get("clean_in_main_loss") == "false":  # no clean batch in the main loss: its epochs do not apply
-            settings.pop("clean_in_main_loss_epochs", None)
     rate = row.get("meta_learning_rate")
     if "mlc_defaults" in row and not settings and rate == MLCTrainingArguments.meta_learning_rate:
         return None

@@ -75,39 +75,38 @@ def settings_of(row: dict) -> dict:
     return settings
 
 
-def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE, epochs: float = 1.0) -> dict:
+def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE, epochs: float = 1.0, clean_in_main_loss: bool = True) -> dict:
     """
     The MLC settings whose package defaults changed over the rows' history, at today's defaults for a noisy batch of
-    `batch_size` and a run of `epochs`. Every MLC row records them as it ran (key fields above), so rows of two days'
-    defaults differ.
+    `batch_size` and a run of `epochs` (with or without the clean batch in its main loss). Every MLC row records them
+    as it ran (key fields above), so rows of two days' defaults differ.
     """
     return {
         "clean_batch_size": default_clean_batch_size(batch_size),
         "finish_on_clean": MLC_FINISHES_ON_CLEAN,
         "meta_update_interval": MLCTrainingArguments.meta_update_interval,
-        "clean_in_main_loss_epochs": clean_epochs(MLCTrainingArguments.clean_in_main_loss_epochs, epochs),
+        "clean_in_main_loss_epochs": clean_epochs({"clean_in_main_loss": clean_in_main_loss}, epochs),
     }
 
 
-def clean_epochs(limit: float | str | None, epochs: float) -> float:
+def clean_epochs(
+    settings: dict, epochs: float, default: float | None = MLCTrainingArguments.clean_in_main_loss_epochs
+) -> float:
     """
-    What a run of `epochs` records as its `clean_in_main_loss_epochs` under that setting's `limit`: the epochs with
-    the clean batch in the main loss, all of them without a limit (and for a run without the clean batch in the main
-    loss, whose limit does not apply).
+    What an MLC run of `epochs` with these `--mlc_settings` records as its `clean_in_main_loss_epochs`: the epochs
+    with the clean batch in the main loss, capped at the run's (the setting's value, else `default`, the package's of
+    the run's day); all of them without a limit, and for a run without the clean batch in the main loss, whose limit
+    does not apply.
     """
+    if settings.get("clean_in_main_loss") is False:
+        return float(epochs)
+    limit = settings.get("clean_in_main_loss_epochs", default)
     return float(epochs if limit is None else min(float(limit), epochs))  # float: "inf" from --mlc_settings
 
 
 def _clean_epochs_of(row: dict) -> float | None:
-    """
-    An MLC row's `clean_in_main_loss_epochs` from before it was recorded: its settings' limit, else none (all its
-    epochs, as for every row without the clean batch in the main loss).
-    """
-    if row.get("method") != "mlc":
-        return None
-    settings = settings_of(row)
-    limit = None if settings.get("clean_in_main_loss") is False else settings.get("clean_in_main_loss_epochs")
-    return clean_epochs(limit, row.get("epochs", 1.0))
+    """An MLC row's `clean_in_main_loss_epochs` from before it was recorded (no limit was the default then)."""
+    return clean_epochs(settings_of(row), row.get("epochs", 1.0), default=None) if row.get("method") == "mlc" else None
 
 
 def _legacy_setting(name: str, before):

@@ -106,7 +106,7 @@ class LabelCorrector(nn.Module):
             "feature_size": feature_size,
             "hidden_size": hidden_size,
             "label_embedding_size": label_embedding_size,
-            "skip_connection": normalise_skip_connection(skip_connection),
+            "skip_connection": skip_connection,
             "skip_init": float(skip_init),
             "teacher": teacher,
             "confidence_gate": bool(confidence_gate),
