@@ -127,7 +127,15 @@ def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
         runs = groups[tuple(row_value(row, name) for name in CELL_FIELDS)][method_label(row)]
         # rows of two keys can share a label (an old defaults row and its rerun as a variant): the newest row of a seed
         runs[:] = [run for run in runs if run["seed"] != row["seed"]] + [row]
+    for cell, methods in groups.items():  # a cell run in bf16 alone reads like a float32 one; its table says bf16
+        if all(row_value(run, "precision") == "bf16" for runs in methods.values() for run in runs):
+            groups[cell] = {name.removesuffix(" (bf16)"): runs for name, runs in methods.items()}
     return dict(sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])))
+
+
+def all_bf16(methods: dict[str, dict]) -> bool:
+    """Whether every run of a cell ran under bf16 autocast (its methods then carry no `(bf16)` in their names)."""
+    return all(row_value(stats["example"], "precision") == "bf16" for stats in methods.values())
 
 
 def method_rank(name: str) -> int:
@@ -175,14 +183,18 @@ def cell_title(cell: tuple) -> str:
     )
 
 
-def short_cell(cell: tuple) -> str:
-    """A cell in a table's first column: `ag_news, flip 0.4, 20/class, 1 ep.` (the model when it is not MiniLM)."""
+def short_cell(cell: tuple, methods: dict[str, dict] | None = None) -> str:
+    """
+    A cell in a table's first column: `ag_news, flip 0.4, 20/class, 1 ep.` (the model when it is not MiniLM; `bf16`
+    when given its `methods` and every one ran so).
+    """
     corpus, model, kind, rate, clean, epochs, rows, _, selection = cell
     return (
         f"{corpus}, {kind} {rate:g}, {clean}/class, {epochs:g} ep."
         + ("" if rows == 4000 else f", {rows} rows")
         + ("" if model == "minilm-l6" else f", {model}")
         + (", selected" if selection else "")
+        + (", bf16" if methods and all_bf16(methods) else "")
     )
 
 
@@ -195,7 +207,8 @@ def table(cell: tuple, methods: dict[str, dict]) -> str:
     ]
     used = next((stats["rows"] for stats in methods.values() if stats.get("rows")), None)
     if used:  # what the corpus gave, which may be fewer rows than asked for
-        lines[2:2] = ["Rows used: " + ", ".join(f"{split} {count}" for split, count in used.items()) + ".", ""]
+        text = "Rows used: " + ", ".join(f"{split} {count}" for split, count in used.items()) + "."
+        lines[2:2] = [text + (" Every method under bf16 autocast." if all_bf16(methods) else ""), ""]
     for method in sorted(methods, key=lambda name: (method_rank(name), name != "mlc", name)):
         if is_variant(method):
             continue  # MLC's ablation runs: ablation_table
@@ -313,7 +326,7 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         )  # fmt: skip
     lines = [
         f"Over the {len(scored)} cell(s) with headroom that have a run of MLC at the package defaults (`mlc`, or "
-        "`mlc (bf16)` where it has more seeds), against the float32 baselines:",
+        "`mlc (bf16)` where it has more seeds), against the float32 baselines (bf16 in a cell run in bf16 alone):",
         "",
         "| target | value | goal | met |",
         "|---|---|---|---|",
@@ -342,7 +355,7 @@ def appendix_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         seeds = max(len(stats["seeds"]) for stats in methods.values())
         values = [_in_any_precision(methods, name) for name in names] + [defaults_accuracy(methods)]
         mlc = f"{accuracy_of(methods, best)} ({best})" if best else "-"
-        lines.append(f"| {short_cell(cell)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
+        lines.append(f"| {short_cell(cell, methods)} | up to {seeds} | " + " | ".join(values) + f" | {mlc} |")
     return lines
 
 
@@ -367,7 +380,7 @@ def readme_table(cells: dict[tuple, dict[str, dict]]) -> str:
             continue
         best = best_baseline({name: stats for name, stats in methods.items() if name != "clean_only"})
         lines.append(
-            f"| {short_cell(cell)} | {accuracy_of(methods, 'clean_only')} "
+            f"| {short_cell(cell, methods)} | {accuracy_of(methods, 'clean_only')} "
             f"| {accuracy_of(methods, best)} ({best}) | {defaults_accuracy(methods)} "
             f"| {accuracy_of(methods, 'oracle')} |"
         )
@@ -415,7 +428,7 @@ def ablation_table(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     if not variants:
         return ["No MLC ablation run in a cell with headroom yet."]
     lines = [
-        "| MLC variant | " + " | ".join(short_cell(cell) for cell, _ in scored) + " |",
+        "| MLC variant | " + " | ".join(short_cell(cell, methods) for cell, methods in scored) + " |",
         "|---" * (len(scored) + 1) + "|",
     ]
     for name in variants:

@@ -466,6 +466,24 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     )
 
 
+def test_a_cell_run_in_bf16_alone_is_scored_like_a_float32_one():
+    report = load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.80, "l2rw": 0.86, "mlc": 0.87, "oracle": 0.90})
+    for row in rows:
+        row["precision"] = "bf16"
+        row["rows"] = {"train": 4000}
+    cells = report.summarise(rows)
+    ((cell, methods),) = cells.items()
+    assert sorted(methods) == ["clean_only", "l2rw", "mlc", "oracle"] and report.has_headroom(methods)
+    assert "| mean gain over clean_only (points) | +7.0 | >= +3 | yes |" in "\n".join(report.targets(cells))
+    assert "Rows used: train 4000. Every method under bf16 autocast." in report.table(cell, methods)
+    assert "| ag_news, flip 0.4, 20/class, 1 ep., bf16 | 80.1 ± 0.1 | 86.1 ± 0.1 (l2rw) |" in report.readme_table(cells)
+    assert all("--precision bf16" in command for command in report.cell_commands(cell, methods))
+    # one float32 run in the cell and the bf16 ones are named apart again
+    rows += _cell_rows(1.0, {"finetune": 0.84})[:1]
+    assert "clean_only (bf16)" in next(iter(report.summarise(rows).values()))
+
+
 def test_appendix_shows_a_baseline_run_in_bf16_alone_marked_as_such():
     report = load("report")
     rows = _cell_rows(1.0, {"clean_only": 0.88, "finetune": 0.84, "oracle": 0.89}, noise_rate=0.6)
