@@ -312,18 +312,17 @@ class MLCTrainingArguments(TrainingArguments):
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
-        if isinstance(self.clean_in_main_loss_epochs, str):  # "inf" from a JSON or YAML file of arguments
-            try:
-                self.clean_in_main_loss_epochs = float(self.clean_in_main_loss_epochs)
-            except ValueError:
-                value = self.clean_in_main_loss_epochs
-                raise ValueError(
-                    f"clean_in_main_loss_epochs must be a number > 0, inf or None, got {value!r}"
-                ) from None
-        if self.clean_in_main_loss_epochs is not None and not self.clean_in_main_loss_epochs > 0:
+        limit = self.clean_in_main_loss_epochs
+        try:  # "inf" from a JSON or YAML file of arguments, as from the command line
+            limit = None if limit is None else float(limit)
+        except (TypeError, ValueError):
+            limit = math.nan
+        if limit is not None and not limit > 0:  # nan (not a number) fails the comparison too
             raise ValueError(
-                f"clean_in_main_loss_epochs must be > 0 or None (throughout), got {self.clean_in_main_loss_epochs}"
+                "clean_in_main_loss_epochs must be a number > 0, inf or None (the clean batch in every epoch), "
+                f"got {self.clean_in_main_loss_epochs!r}"
             )
+        self.clean_in_main_loss_epochs = limit
         if self.meta_weight_decay < 0:
             raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay}")
         for name in ("meta_hidden_size", "label_embedding_size", "gradient_steps", "meta_update_interval"):

@@ -151,18 +151,27 @@ def never_corrected_warning(log_history: Sequence[Mapping[str, Any]], *, args: A
     if not agreements or min(agreements) < 1.0:
         return None
     skip_weights = [entry["skip_weight"] for entry in log_history if "skip_weight" in entry]
+    advice = (
+        f"run meta_update_interval=1 (now {args.meta_update_interval}) with a clean batch as large as the noisy one, "
+        "or train for more epochs"
+    )
     if skip_weights and skip_weights[-1] >= TRUSTS_EVERY_LABEL:
-        # The corrected label is the given one, one-hot: the corrector is switched off (at a high meta_learning_rate
-        # the meta-gradient drives s there: more trust in every row).
+        # The corrected label is the given one, one-hot: the corrector is switched off, from the start (skip_init) or
+        # because the meta-gradient drove s there (more trust in every row, at a high meta learning rate).
         targets = (
             f"the corrector trusts every given label (skip weight {skip_weights[-1]:.2f} at the last log), "
             "so the main net trained on the given labels as they are"
         )
+        if skip_weights[0] >= TRUSTS_EVERY_LABEL:
+            advice = f"start the skip weight lower, e.g. skip_init=2.0 (now {args.skip_init})"
+        else:
+            rate = args.skip_learning_rate or args.meta_learning_rate
+            name = "skip_learning_rate" if args.skip_learning_rate else "meta_learning_rate"
+            advice = f"lower {name} (now {rate:g}): the meta-gradient drove the skip weight to 1"
     else:
         targets = "the main net trained on the given labels, softened"
     return (
         f"the label corrector never replaced a given label over {len(agreements)} logs (its argmax was the given label "
         f"on every noisy row): {targets}, and label_issues.csv / the correction matrix show no corrections. For label "
-        f"correction, run meta_update_interval=1 (now {args.meta_update_interval}) with a clean batch as large as the "
-        "noisy one, or train for more epochs."
+        f"correction, {advice}."
     )
