@@ -208,8 +208,9 @@ def table(cell: tuple, methods: dict[str, dict]) -> str:
     ]
     used = next((stats["rows"] for stats in methods.values() if stats.get("rows")), None)
     if used:  # what the corpus gave, which may be fewer rows than asked for
-        text = "Rows used: " + ", ".join(f"{split} {count}" for split, count in used.items()) + "."
-        lines[2:2] = [text + (" Every method under bf16 autocast." if all_bf16(methods) else ""), ""]
+        lines[2:2] = ["Rows used: " + ", ".join(f"{split} {count}" for split, count in used.items()) + ".", ""]
+    if all_bf16(methods):
+        lines[2:2] = ["Every method under bf16 autocast.", ""]
     for method in sorted(methods, key=lambda name: (method_rank(name), name != "mlc", name)):
         if is_variant(method):
             continue  # MLC's ablation runs: ablation_table
@@ -305,7 +306,7 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     ]
     scored = [(cell, methods) for cell, methods in candidates if seeded(methods)]
     if not scored:
-        return ["No cell with headroom has three seeds of MLC at the package defaults, clean_only and oracle yet."]
+        return [f"No cell with headroom has {TARGET_SEEDS} seeds of MLC at the defaults, clean_only and oracle yet."]
     gains, shares, to_best = [], [], []
     for _, methods in scored:
         defaults = methods[defaults_label(methods)]
@@ -315,10 +316,13 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
         best = best_baseline(methods)
         to_best.append(100 * (mlc - methods[best]["test_accuracy"][0]))
     collapse = []
-    for cell, methods in cells.items():
+    for cell, methods in cells.items():  # a 1-epoch cell with headroom, the defaults with all their seeds in both
         longer = cells.get(_twin(cell, 3.0), {})
         one, three = defaults_label(methods), defaults_label(longer)
-        if cell[5] == 1.0 and one and three:
+        full = [
+            stats for stats in (methods.get(one), longer.get(three)) if stats and len(stats["seeds"]) >= TARGET_SEEDS
+        ]
+        if cell[5] == 1.0 and has_headroom(methods) and len(full) == 2:
             collapse.append(100 * (longer[three]["test_accuracy"][0] - methods[one]["test_accuracy"][0]))
     rows = [
         ("mean gain over clean_only (points)", f"{statistics.fmean(gains):+.1f}", statistics.fmean(gains) >= 3.0, ">= +3"),
@@ -616,10 +620,7 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
                     label=None if name in labelled else name,
                 )  # fmt: skip
                 labelled.add(name)
-        labels = [
-            f"{kind} {rate:g}\n{clean}/class, {epochs:g} ep." + (f"\nselected on {sel}/class" if sel else "")
-            for kind, rate, clean, epochs, _, _, sel in order
-        ]
+        labels = [_tick(setting, settings[setting]) for setting in order]
         axis.set_xticks(range(len(order)), labels, fontsize=8)
         axis.set_xlim(-0.6, len(order) - 0.4)
         axis.set_xlabel("cell (noise, clean rows per class, epochs)")
@@ -635,6 +636,17 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _tick(setting: tuple, methods: dict[str, dict]) -> str:
+    """A cell's label under its place on a plot's x axis: noise, trusted rows, epochs, and what differs from the rest."""
+    kind, rate, clean, epochs, rows, _, selection = setting
+    return (
+        f"{kind} {rate:g}\n{clean}/class, {epochs:g} ep."
+        + (f"\nselected on {selection}/class" if selection else "")
+        + ("" if rows == 4000 else f"\n{rows} rows")
+        + ("\nbf16" if all_bf16(methods) else "")
+    )
 
 
 def render(

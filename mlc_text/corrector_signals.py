@@ -162,7 +162,7 @@ def never_corrected_warning(log_history: Sequence[Mapping[str, Any]], *, args: A
             f"the corrector trusts every given label (skip weight {skip_weights[-1]:.2f} at the last log), "
             "so the main net trained on the given labels as they are"
         )
-        if skip_weights[0] >= TRUSTS_EVERY_LABEL:
+        if 1.0 / (1.0 + math.exp(-args.skip_init)) >= TRUSTS_EVERY_LABEL:  # its starting value
             advice = f"start the skip weight lower, e.g. skip_init=2.0 (now {args.skip_init})"
         else:
             rate = args.skip_learning_rate or args.meta_learning_rate

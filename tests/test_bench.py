@@ -454,6 +454,10 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     assert sum(report.has_headroom(methods) for methods in cells.values()) == 3
     text = "\n".join(report.targets(cells))
     assert "Over the 2 cell(s) with headroom that have 3 seeds" in text and "1 more with fewer seeds" in text
+    # three seeds of MLC and clean_only are not enough: the oracle needs them too
+    partial = _cell_rows(1.0, {"clean_only": 0.70, "mlc": 0.60}, noise_rate=0.3)
+    partial += _cell_rows(1.0, {"oracle": 0.90}, noise_rate=0.3)[:1]
+    assert "2 more with fewer seeds" in "\n".join(report.targets(report.summarise(rows + partial)))
     assert "| mean gain over clean_only (points) | +6.0 | >= +3 | yes |" in text
     assert "| mean share of the clean_only→oracle gap | +0.60 | >= 0.50 | yes |" in text
     assert "| worst cell's distance to the best other method (points) | -1.0 | >= -2 | yes |" in text
@@ -478,10 +482,12 @@ def test_a_cell_run_in_bf16_alone_is_scored_like_a_float32_one():
     ((cell, methods),) = cells.items()
     assert sorted(methods) == ["clean_only", "l2rw", "mlc", "oracle"] and report.has_headroom(methods)
     assert "| mean gain over clean_only (points) | +7.0 | >= +3 | yes |" in "\n".join(report.targets(cells))
-    assert "Rows used: train 4000. Every method under bf16 autocast." in report.table(cell, methods)
+    assert "Every method under bf16 autocast.\n\nRows used: train 4000." in report.table(cell, methods)
     readme = report.readme_table(cells)
     assert "| ag_news, flip 0.4, 20/class, 1 ep., bf16 | 80.1 ± 0.1 | 86.1 ± 0.1 (l2rw) |" in readme
     assert all("--precision bf16" in command for command in report.cell_commands(cell, methods))
+    no_rows = {name: {**stats, "rows": None} for name, stats in methods.items()}  # rows written before the field
+    assert "Every method under bf16 autocast." in report.table(cell, no_rows)
     # one float32 run in the cell and the bf16 ones are named apart again
     rows += _cell_rows(1.0, {"finetune": 0.84})[:1]
     assert "clean_only (bf16)" in next(iter(report.summarise(rows).values()))

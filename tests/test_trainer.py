@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -241,8 +242,11 @@ def test_clean_in_main_loss_epochs_changes_nothing_within_its_epochs(tmp_path):
 
     *_, parsed = parse_args(["--output_dir", str(tmp_path), "--clean_in_main_loss_epochs", "inf", "--use_cpu", "true"])
     assert parsed.clean_in_main_loss_epochs == float("inf")  # the command line's "throughout"
-    with pytest.raises(ValueError, match="clean_in_main_loss_epochs must be a number > 0, inf or None .*got 0"):
-        MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=0)
+    for bad in (0, -1.0, "nan", [1]):
+        with pytest.raises(ValueError, match=r"must be a number > 0, inf or None .*got " + re.escape(repr(bad))):
+            MLCTrainingArguments(
+                output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=bad
+            )
 
 
 def test_confidence_gate_slope_learns_at_the_skip_learning_rate_and_is_logged(tmp_path):
@@ -455,6 +459,8 @@ def test_the_never_corrected_warning_says_whether_the_labels_were_softened_or_tr
     assert "lower skip_learning_rate (now 0.1)" in never_corrected_warning(logs, args=args)
     args.skip_learning_rate = None
     assert "meta_update_interval=1 (now 5)" in never_corrected_warning(logs[:1], args=args)  # softened: more steps
+    logs[0]["skip_weight"] = 0.995  # at 1 by the first log, from skip_init 2: the learning rate, not the start
+    assert "lower meta_learning_rate" in never_corrected_warning(logs, args=args)
     assert never_corrected_warning([{"skip_weight": 1.0}], args=args) is None  # no agreement logged: nothing to say
 
 
