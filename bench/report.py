@@ -289,10 +289,14 @@ def _twin(cell: tuple, epochs: float) -> tuple:
     return (*cell[:5], epochs, *cell[6:])
 
 
+def _all_seeds(stats: dict | None) -> bool:
+    """Whether a method's statistics exist and cover TARGET_SEEDS seeds."""
+    return stats is not None and len(stats["seeds"]) >= TARGET_SEEDS
+
+
 def seeded(methods: dict[str, dict]) -> bool:
     """Whether MLC at the defaults, clean_only and the oracle each have TARGET_SEEDS seeds: a cell the targets count."""
-    names = (defaults_label(methods), "clean_only", "oracle")
-    return all(name in methods and len(methods[name]["seeds"]) >= TARGET_SEEDS for name in names)
+    return all(_all_seeds(methods.get(name)) for name in (defaults_label(methods), "clean_only", "oracle"))
 
 
 def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
@@ -319,10 +323,8 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     for cell, methods in cells.items():  # a 1-epoch cell with headroom, the defaults with all their seeds in both
         longer = cells.get(_twin(cell, 3.0), {})
         one, three = defaults_label(methods), defaults_label(longer)
-        full = [
-            stats for stats in (methods.get(one), longer.get(three)) if stats and len(stats["seeds"]) >= TARGET_SEEDS
-        ]
-        if cell[5] == 1.0 and has_headroom(methods) and len(full) == 2:
+        full = _all_seeds(methods.get(one)) and _all_seeds(longer.get(three))
+        if cell[5] == 1.0 and has_headroom(methods) and full:
             collapse.append(100 * (longer[three]["test_accuracy"][0] - methods[one]["test_accuracy"][0]))
     rows = [
         ("mean gain over clean_only (points)", f"{statistics.fmean(gains):+.1f}", statistics.fmean(gains) >= 3.0, ">= +3"),
