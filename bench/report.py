@@ -234,37 +234,58 @@ def has_headroom(methods: dict[str, dict]) -> bool:
     return (gap(methods) or 0.0) >= HEADROOM
 
 
-def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) -> list[str]:
-    """
-    The `bench/accuracy.py` invocations that reproduce a cell's rows: one for the baselines, one per MLC run type (with
-    `variants=False`, only the one of MLC at the package defaults, or of the first variant where there is none).
-    """
+SCRIPT = "python bench/accuracy.py"
+
+
+def cell_arguments(cell: tuple, methods: dict[str, dict]) -> str:
+    """The `bench/accuracy.py` arguments that name a cell and its seeds (every command of the cell starts with them)."""
     corpus, model, kind, rate, clean, epochs, rows, validation, selection = cell
     seeds = sorted({seed for stats in methods.values() for seed in stats["seeds"]})
-    base = (
-        f"python bench/accuracy.py --corpora {corpus} --noise_types {kind} --noise_rates {rate:g} "
-        f"--clean_per_class {clean} --epochs {epochs:g} --max_train_samples {rows} --validation_size {validation} "
+    arguments = (
+        f"--corpora {corpus} --noise_types {kind} --noise_rates {rate:g} --clean_per_class {clean} "
+        f"--epochs {epochs:g} --max_train_samples {rows} --validation_size {validation} "
         f"--seeds {' '.join(map(str, seeds))}" + ("" if model == "minilm-l6" else f" --model {model}")
     )
-    base += f" --select_on_trusted {selection}" if selection else ""
+    return arguments + (f" --select_on_trusted {selection}" if selection else "")
+
+
+def commands_block(cell: tuple, methods: dict[str, dict]) -> list[str]:
+    """
+    The shell lines on the results page that reproduce a cell (the defaults' and the baselines' commands): with more
+    than one command, the cell's arguments once as `CELL="..."` and each command as `python bench/accuracy.py $CELL`.
+    """
+    commands = cell_commands(cell, methods, variants=False)
+    if len(commands) < 2:
+        return commands
+    arguments = cell_arguments(cell, methods)
+    return [f'CELL="{arguments}"'] + [command.replace(arguments, "$CELL", 1) for command in commands]
+
+
+def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) -> list[str]:
+    """
+    The `bench/accuracy.py` invocations that reproduce a cell's rows, per precision: one for the baselines and MLC at
+    the package defaults, one per other MLC run type (with `variants=False`, only the first, or where the cell has no
+    defaults in any precision, that of its first variant).
+    """
+    base = f"{SCRIPT} {cell_arguments(cell, methods)}"
     commands = []
     for precision in sorted({row_value(stats["example"], "precision") for stats in methods.values()}):
         at = {name: stats for name, stats in methods.items() if row_value(stats["example"], "precision") == precision}
         head = base + ("" if precision == LEGACY_DEFAULTS["precision"] else f" --precision {precision}")
-        baselines = [name for name in sorted(at, key=method_rank) if not name.startswith("mlc")]
-        if baselines:
-            commands.append(f"{head} --methods {' '.join(at[name]['example']['method'] for name in baselines)}")
         names = sorted(name for name in at if name.startswith("mlc"))
         if not variants:  # the defaults' command; a variant's only in a cell without the defaults in any precision
             names = [name for name in names if not is_variant(name)] or ([] if defaults_label(methods) else names[:1])
+        plain = [at[name]["example"]["method"] for name in sorted(at, key=method_rank) if not name.startswith("mlc")]
+        if any(mlc_variant(at[name]["example"]) is None for name in names):  # the defaults need no flags of their own
+            plain.append("mlc")
+            names = [name for name in names if mlc_variant(at[name]["example"]) is not None]
+        if plain:
+            commands.append(f"{head} --methods {' '.join(plain)}")
         for name in names:
-            variant = mlc_variant(at[name]["example"])
-            command = f"{head} --methods mlc"
-            if variant is not None:
-                rate, settings = variant
-                command += "" if rate is None else f" --meta_learning_rates {rate:g}"
-                if settings:
-                    command += " --mlc_settings " + " ".join(item.replace('"', "") for item in settings.split(","))
+            rate, settings = mlc_variant(at[name]["example"])
+            command = f"{head} --methods mlc" + ("" if rate is None else f" --meta_learning_rates {rate:g}")
+            if settings:
+                command += " --mlc_settings " + " ".join(item.replace('"', "") for item in settings.split(","))
             commands.append(command)
     return commands
 
@@ -683,7 +704,7 @@ def render(
         parts += [table(cell, methods), ""]
         line = verdict(cell, methods)
         parts += [line, ""] if line else []
-        parts += ["```bash", *cell_commands(cell, methods, variants=False), "```", ""]
+        parts += ["```bash", *commands_block(cell, methods), "```", ""]
     parts += [f"![{path.stem}]({os.path.relpath(path, results_md.parent)})" for path in figure_paths]
     return "\n".join([*parts, END])
 
@@ -698,8 +719,8 @@ def render_details(
         "",
         f"From `{source}`, as docs/RESULTS.md. The runs come from "
         f"{len({row['code_version'] for row in rows if row.get('code_version')})} commits (each row's "
-        "`code_version`). A row `mlc@R[S]` is reproduced by its cell's `--methods mlc` command in docs/RESULTS.md "
-        "with `--meta_learning_rates R --mlc_settings S` (the settings as `KEY=VALUE` words).",
+        "`code_version`). A row `mlc@R[S]` is reproduced by the command of its cell and precision in docs/RESULTS.md "
+        "with `--methods mlc --meta_learning_rates R --mlc_settings S` (the settings as `KEY=VALUE` words).",
         "",
         "### MLC's ablations",
         "",

@@ -527,8 +527,9 @@ def test_cell_commands_reproduce_the_cell(data_dir):
         row["select_on_trusted"] = 5
     ((cell, methods),) = report.summarise(rows).items()
     commands = report.cell_commands(cell, methods)
-    assert len(commands) == 5 and all("--select_on_trusted 5" in command for command in commands)
-    assert sum("--precision bf16 --methods clean_only" in command for command in commands) == 1
+    # per precision, one command for the baselines and the defaults, one for the variant
+    assert len(commands) == 3 and all("--select_on_trusted 5" in command for command in commands)
+    assert sum(command.endswith("--precision bf16 --methods clean_only mlc") for command in commands) == 1
     # the results page shows the baselines' and the defaults' commands; a variant's is derived from the latter
     assert report.cell_commands(cell, methods, variants=False) == [
         command for command in commands if "--mlc_" not in command
@@ -544,6 +545,26 @@ def test_cell_commands_reproduce_the_cell(data_dir):
                 run.pop("mlc_settings", None)
             keys.add(accuracy.run_key(run))
     assert keys == {accuracy.run_key(row) for row in rows}
+
+
+def test_results_page_names_a_cell_once_and_its_lines_expand_to_the_commands():
+    report = load("report")
+    rows = _cell_rows(1.0, {"clean_only": 0.8, "oracle": 0.9, "mlc": 0.85, 'mlc[skip_connection="per_example"]': 0.86})
+    for row in rows:
+        if row["method"] == "mlc":
+            row["precision"] = "bf16"
+    ((cell, methods),) = report.summarise(rows).items()
+    first, *lines = report.commands_block(cell, methods)
+    assert first.startswith('CELL="--corpora ag_news ') and first.endswith('--seeds 0 1 2"')
+    assert lines == [
+        "python bench/accuracy.py $CELL --precision bf16 --methods mlc",
+        "python bench/accuracy.py $CELL --methods clean_only oracle",
+    ]
+    cell_args = first.removeprefix('CELL="').removesuffix('"')
+    assert [line.replace("$CELL", cell_args) for line in lines] == report.cell_commands(cell, methods, variants=False)
+    # one command: written out in full
+    alone = {name: stats for name, stats in methods.items() if name == "clean_only"}
+    assert report.commands_block(cell, alone) == report.cell_commands(cell, alone, variants=False)
 
 
 def test_rows_from_before_the_clean_stage_default_are_reproduced_as_their_variant(data_dir):
