@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -264,8 +265,22 @@ def result_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def end_process_group() -> None:
+    """
+    Leaves the process group of a launched run (`accelerate launch`, `torchrun`) once every process is done, as
+    accelerate's `end_training` does: left to interpreter exit, gloo's threads can abort a process that has finished
+    its work ("terminate called without an active exception", SIGABRT) and the launcher then fails the run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(defaults: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of the recipes: `defaults` are the recipe's, the command line (or a JSON / YAML file) overrides."""
+    """
+    Entry point of the recipes: `defaults` are the recipe's, the command line (or a JSON / YAML file) overrides. A
+    launched run leaves its process group at the end ([`end_process_group`]).
+    """
     model_args, data_args, noise_args, training_args = parse_args(argv, {**RECIPE_DEFAULTS, **(defaults or {})})
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = os.path.join("outputs", f"{data_args.corpus or 'custom'}-{training_args.method}")
@@ -274,6 +289,7 @@ def main(defaults: dict[str, Any] | None = None, argv: Sequence[str] | None = No
         print(f"\n{results['corpus']}, {results['model']}, noise {results['noise']}\n")
         print(format_results_table([result_row(results)], RESULT_COLUMNS))
         print(f"\nOutputs in {training_args.output_dir}")
+    end_process_group()
     return results
 
 
@@ -281,7 +297,7 @@ def compare(methods: Sequence[str], argv: Sequence[str] | None = None, defaults:
     """
     Runs several methods over one noisy split (same seeds, so the same clean / noisy rows and noisy labels), each
     into `<output_dir>/<method>`, then prints a side-by-side table and writes `comparison.png` and
-    `comparison.json` to `output_dir`.
+    `comparison.json` to `output_dir`; a launched run then leaves its process group ([`end_process_group`]).
     """
     unknown = [method for method in methods if method not in REGISTRY]
     if unknown or not methods:
@@ -306,4 +322,5 @@ def compare(methods: Sequence[str], argv: Sequence[str] | None = None, defaults:
         Path(root, "comparison.json").write_text(json.dumps(rows, indent=2))
         plot_method_comparison(rows, os.path.join(root, "comparison.png"))
         print(format_results_table(rows, RESULT_COLUMNS))
+    end_process_group()
     return rows

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from mlc_text.baselines import CleanBatchFinetuneTrainer, L2RWTrainer  # noqa: E402
 from mlc_text.meta_net import LabelCorrector  # noqa: E402
+from mlc_text.pipeline import end_process_group  # noqa: E402
 from mlc_text.trainer import MLCTrainer  # noqa: E402
 from tests.conftest import tiny_bert  # noqa: E402
 from tests.test_trainer import NUM_LABELS, datasets, make_trainer  # noqa: E402
@@ -167,6 +168,7 @@ def main() -> None:
         train_and_save(
             run, args.output_dir, args.per_device_train_batch_size, args.clean_batch_size, args.max_steps, args.dtype
         )
+    end_process_group()
 
 
 if __name__ == "__main__":

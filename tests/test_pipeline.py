@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from transformers import AutoModelForSequenceClassification
 
 from mlc_text.config import METHODS
 from mlc_text.label_issues import LABEL_ISSUE_COLUMNS
-from mlc_text.pipeline import EVALUATION_DEFAULTS, RECIPE_DEFAULTS, compare, main, parse_args
+from mlc_text.pipeline import EVALUATION_DEFAULTS, RECIPE_DEFAULTS, compare, end_process_group, main, parse_args
 
 from .test_cli import tiny_scale, write_user_files
 
@@ -295,3 +296,16 @@ def test_compare_asks_for_the_clean_stage_only_where_a_method_has_one(tmp_path, 
         "finetune": None,
         "finetune_then_clean": None,
     }
+
+
+def test_a_launched_run_leaves_its_process_group_and_a_plain_one_has_none_to_leave(tmp_path):
+    end_process_group()  # one process, no group: nothing to do
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
