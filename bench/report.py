@@ -299,10 +299,14 @@ def defaults_label(methods: dict[str, dict]) -> str | None:
     return max(present, key=lambda name: len(methods[name]["seeds"]), default=None)
 
 
+def other_methods(methods: dict[str, dict]) -> list[str]:
+    """The methods MLC is measured against in a cell: all but MLC's runs, the oracle and bf16 rows beside float32."""
+    return [name for name in methods if not name.startswith("mlc") and name != "oracle" and " (" not in name]
+
+
 def best_baseline(methods: dict[str, dict]) -> str | None:
-    """The method with the best mean test accuracy in a cell, MLC variants, the oracle and bf16 rows left out."""
-    baselines = [name for name in methods if not name.startswith("mlc") and name != "oracle" and " (" not in name]
-    return max(baselines, key=lambda name: methods[name]["test_accuracy"][0], default=None)
+    """The method with the best mean test accuracy in a cell among [`other_methods`]."""
+    return max(other_methods(methods), key=lambda name: methods[name]["test_accuracy"][0], default=None)
 
 
 def _twin(cell: tuple, epochs: float) -> tuple:
@@ -316,8 +320,12 @@ def _all_seeds(stats: dict | None) -> bool:
 
 
 def seeded(methods: dict[str, dict]) -> bool:
-    """Whether MLC at the defaults, clean_only and the oracle each have TARGET_SEEDS seeds: a cell the targets count."""
-    return all(_all_seeds(methods.get(name)) for name in (defaults_label(methods), "clean_only", "oracle"))
+    """
+    Whether MLC at the defaults, the oracle and every other method ([`other_methods`]) have TARGET_SEEDS seeds: a cell
+    the targets count, its best other method then judged on as many seeds as MLC (not on its luckiest one).
+    """
+    names = [defaults_label(methods), "clean_only", "oracle", *other_methods(methods)]
+    return all(_all_seeds(methods.get(name)) for name in names)
 
 
 def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
@@ -364,8 +372,8 @@ def targets(cells: dict[tuple, dict[str, dict]]) -> list[str]:
     waiting = len(candidates) - len(scored)
     lines = [
         f"Over the {len(scored)} cell(s) with headroom that have {TARGET_SEEDS} seeds of MLC at the package defaults "
-        "(`mlc`, or `mlc (bf16)` where it has more seeds), clean_only and oracle, against the float32 baselines (bf16 "
-        "in a cell run in bf16 alone)"
+        "(`mlc`, or `mlc (bf16)` where it has more seeds) and of every other method, against the float32 baselines "
+        "(bf16 in a cell run in bf16 alone)"
         + (f"; {waiting} more with fewer seeds, shown below, not counted yet:" if waiting else ":"),
         "",
         "| target | value | goal | met |",

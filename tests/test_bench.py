@@ -458,6 +458,12 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     partial = _cell_rows(1.0, {"clean_only": 0.70, "mlc": 0.60}, noise_rate=0.3)
     partial += _cell_rows(1.0, {"oracle": 0.90}, noise_rate=0.3)[:1]
     assert "2 more with fewer seeds" in "\n".join(report.targets(report.summarise(rows + partial)))
+    # nor for another method: l2rw at its one (lucky) seed is not the best other method over three seeds of MLC
+    lucky = _cell_rows(1.0, {"clean_only": 0.70, "mlc": 0.80, "oracle": 0.90}, noise_rate=0.3)
+    lucky += _cell_rows(1.0, {"l2rw": 0.95}, noise_rate=0.3)[:1]
+    lucky_text = "\n".join(report.targets(report.summarise(rows + lucky)))
+    assert "2 more with fewer seeds" in lucky_text and "| worst cell's distance" in lucky_text
+    assert "| worst cell's distance to the best other method (points) | -1.0 |" in lucky_text
     assert "| mean gain over clean_only (points) | +6.0 | >= +3 | yes |" in text
     assert "| mean share of the clean_only→oracle gap | +0.60 | >= 0.50 | yes |" in text
     assert "| worst cell's distance to the best other method (points) | -1.0 | >= -2 | yes |" in text
