@@ -172,6 +172,7 @@ def never_corrected_warning(log_history: Sequence[Mapping[str, Any]], *, args: A
         targets = "the main net trained on the given labels, softened"
     return (
         f"the label corrector never replaced a given label over {len(agreements)} logs (its argmax was the given label "
-        f"on every noisy row): {targets}, and label_issues.csv / the correction matrix show no corrections. For label "
-        f"correction, {advice}."
+        f"on every noisy row): {targets}, and label_issues.csv / the correction matrix show no corrections. That is "
+        "expected where each given label is right more often than wrong (two classes, under half flipped); where "
+        f"some class's label is mostly wrong, {advice}."
     )

@@ -451,6 +451,7 @@ def test_the_never_corrected_warning_says_whether_the_labels_were_softened_or_tr
     args = MLCTrainingArguments(output_dir="unused", meta_update_interval=5)
     logs = [{"agreement_with_noisy": 1.0, "skip_weight": 0.89}, {"agreement_with_noisy": 1.0, "skip_weight": 0.9}]
     assert "the given labels, softened" in never_corrected_warning(logs, args=args)
+    assert "expected where each given label is right more often than wrong" in never_corrected_warning(logs, args=args)
     logs[-1]["skip_weight"] = 0.996  # the meta-gradient drove s to 1 (as at meta_learning_rate 1e-2)
     message = never_corrected_warning(logs, args=args)
     assert "trusts every given label (skip weight 1.00" in message and "softened" not in message
