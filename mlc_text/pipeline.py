@@ -6,6 +6,7 @@ model card). `recipes/*.py` only set defaults and call [`main`].
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,8 +48,10 @@ __all__ = [
     "build_trainer",
     "check_output_dir",
     "compare",
+    "end_process_group",
     "main",
     "parse_args",
+    "process_group_scope",
     "resolve_model_path",
     "result_row",
     "run",
@@ -276,20 +279,34 @@ def end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group_scope():
+    """
+    Ends ([`end_process_group`]) the process group that a launched run creates inside the block (the training
+    arguments do, under `accelerate launch` or `torchrun`); a group that existed before it, the caller's own, is left
+    as it is, and so is every group when the block raises.
+    """
+    existed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    yield
+    if not existed:
+        end_process_group()
+
+
 def main(defaults: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     Entry point of the recipes: `defaults` are the recipe's, the command line (or a JSON / YAML file) overrides. A
-    launched run leaves its process group at the end ([`end_process_group`]).
+    launched run leaves the process group it created at the end ([`process_group_scope`]).
     """
-    model_args, data_args, noise_args, training_args = parse_args(argv, {**RECIPE_DEFAULTS, **(defaults or {})})
-    if training_args.output_dir in (None, "trainer_output"):
-        training_args.output_dir = os.path.join("outputs", f"{data_args.corpus or 'custom'}-{training_args.method}")
-    results = run(model_args, data_args, noise_args, training_args)
-    if training_args.process_index == 0:
-        print(f"\n{results['corpus']}, {results['model']}, noise {results['noise']}\n")
-        print(format_results_table([result_row(results)], RESULT_COLUMNS))
-        print(f"\nOutputs in {training_args.output_dir}")
-    end_process_group()
+    with process_group_scope():
+        model_args, data_args, noise_args, training_args = parse_args(argv, {**RECIPE_DEFAULTS, **(defaults or {})})
+        if training_args.output_dir in (None, "trainer_output"):
+            name = f"{data_args.corpus or 'custom'}-{training_args.method}"
+            training_args.output_dir = os.path.join("outputs", name)
+        results = run(model_args, data_args, noise_args, training_args)
+        if training_args.process_index == 0:
+            print(f"\n{results['corpus']}, {results['model']}, noise {results['noise']}\n")
+            print(format_results_table([result_row(results)], RESULT_COLUMNS))
+            print(f"\nOutputs in {training_args.output_dir}")
     return results
 
 
@@ -297,8 +314,14 @@ def compare(methods: Sequence[str], argv: Sequence[str] | None = None, defaults:
     """
     Runs several methods over one noisy split (same seeds, so the same clean / noisy rows and noisy labels), each
     into `<output_dir>/<method>`, then prints a side-by-side table and writes `comparison.png` and
-    `comparison.json` to `output_dir`; a launched run then leaves its process group ([`end_process_group`]).
+    `comparison.json` to `output_dir`; a launched run then leaves the process group it created
+    ([`process_group_scope`]).
     """
+    with process_group_scope():
+        return _compare(methods, argv, defaults)
+
+
+def _compare(methods: Sequence[str], argv: Sequence[str] | None, defaults: dict[str, Any] | None) -> list[dict]:
     unknown = [method for method in methods if method not in REGISTRY]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {list(methods)}")
@@ -322,5 +345,4 @@ def compare(methods: Sequence[str], argv: Sequence[str] | None = None, defaults:
         Path(root, "comparison.json").write_text(json.dumps(rows, indent=2))
         plot_method_comparison(rows, os.path.join(root, "comparison.png"))
         print(format_results_table(rows, RESULT_COLUMNS))
-    end_process_group()
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -464,6 +465,7 @@ def test_report_checks_the_targets_over_cells_with_headroom():
     lucky_text = "\n".join(report.targets(report.summarise(rows + lucky)))
     assert "2 more with fewer seeds" in lucky_text and "| worst cell's distance" in lucky_text
     assert "| worst cell's distance to the best other method (points) | -1.0 |" in lucky_text
+    assert "| 95.0 (l2rw, 1 seed(s)) |" in report.readme_table(report.summarise(lucky))
     assert "| mean gain over clean_only (points) | +6.0 | >= +3 | yes |" in text
     assert "| mean share of the clean_only→oracle gap | +0.60 | >= 0.50 | yes |" in text
     assert "| worst cell's distance to the best other method (points) | -1.0 | >= -2 | yes |" in text
@@ -561,13 +563,18 @@ def test_results_page_names_a_cell_once_and_its_lines_expand_to_the_commands():
             row["precision"] = "bf16"
     ((cell, methods),) = report.summarise(rows).items()
     first, *lines = report.commands_block(cell, methods)
-    assert first.startswith('CELL="--corpora ag_news ') and first.endswith('--seeds 0 1 2"')
+    assert first.startswith("CELL=(--corpora ag_news ") and first.endswith("--seeds 0 1 2)")
     assert lines == [
-        "python bench/accuracy.py $CELL --precision bf16 --methods mlc",
-        "python bench/accuracy.py $CELL --methods clean_only oracle",
+        'python bench/accuracy.py "${CELL[@]}" --precision bf16 --methods mlc',
+        'python bench/accuracy.py "${CELL[@]}" --methods clean_only oracle',
     ]
-    cell_args = first.removeprefix('CELL="').removesuffix('"')
-    assert [line.replace("$CELL", cell_args) for line in lines] == report.cell_commands(cell, methods, variants=False)
+    cell_args = first.removeprefix("CELL=(").removesuffix(")")
+    expanded = [line.replace('"${CELL[@]}"', cell_args) for line in lines]
+    assert expanded == report.cell_commands(cell, methods, variants=False)
+    # and bash expands the lines to the same words
+    script = "\n".join([first, *(line.replace("python ", "echo python ", 1) for line in lines)])
+    echoed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert echoed == expanded
     # one command: written out in full
     alone = {name: stats for name, stats in methods.items() if name == "clean_only"}
     assert report.commands_block(cell, alone) == report.cell_commands(cell, alone, variants=False)

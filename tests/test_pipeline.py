@@ -309,3 +309,31 @@ def test_a_launched_run_leaves_its_process_group_and_a_plain_one_has_none_to_lea
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("entry", ["main", "compare"])
+def test_main_and_compare_end_the_group_their_run_created_and_leave_the_callers(tmp_path, monkeypatch, entry):
+    import mlc_text.pipeline as pipeline
+
+    stores = iter(range(10))
+
+    def launched_run(model, data, noise, args):  # as the training arguments do under `accelerate launch`
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / str(next(stores))}", rank=0, world_size=1)
+        return {"corpus": "ag_news", "model": "m", "noise": "none", "method": args.method}
+
+    monkeypatch.setattr(pipeline, "run", launched_run)
+    monkeypatch.setattr(pipeline, "result_row", lambda results: {"method": results["method"]})
+    monkeypatch.setattr(pipeline, "plot_method_comparison", lambda rows, path: None)
+    monkeypatch.setattr(pipeline, "format_results_table", lambda rows, columns: "")
+    argv = ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    (tmp_path / "out").mkdir()  # the runs, faked here, would make it
+    call = (lambda: main(argv=argv)) if entry == "main" else (lambda: compare(["finetune", "clean_only"], argv))
+    call()
+    assert not dist.is_initialized()  # the run's own group, ended
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'caller'}", rank=0, world_size=1)
+    try:
+        call()
+        assert dist.is_initialized()  # the caller's group, kept
+    finally:
+        dist.destroy_process_group()
