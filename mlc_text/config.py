@@ -133,6 +133,13 @@ class MLCTrainingArguments(TrainingArguments):
             noisy stage, so that over several epochs the meta objective and the clean stage have little left to
             correct (docs/method.md). A run of one epoch is the same with or without the limit. MLC's alone: `l2rw`
             and `finetune_clean_batch` keep the clean batch in every epoch.
+        clean_in_main_loss_passes (`float` or `None`, *optional*, defaults to `None`):
+            With `clean_in_main_loss`, the clean batch enters the main loss only while it has shown each trusted row
+            fewer than this many times on average (steps x clean batch x processes / trusted rows; whichever of this
+            and `clean_in_main_loss_epochs` ends first). A limit in epochs over the noisy rows repeats a few trusted
+            rows far more often on a large noisy corpus (AG News, 20,000 noisy rows, 40 trusted: 125 times in one
+            epoch; 4,000 noisy rows, 80 trusted: 12.5); this one repeats them as often on any corpus. `None`: no
+            limit.
         reuse_clean_pass (`bool`, *optional*, defaults to `True`):
             With `clean_in_main_loss`, take the clean term of a step's main loss from the previous meta step's clean
             pass at w' instead of a new forward/backward: the virtual step reproduces the real one (clipping
@@ -241,6 +248,12 @@ class MLCTrainingArguments(TrainingArguments):
         default=1.0,
         metadata={"help": "Epochs over the noisy rows with the clean batch in the main loss (inf: every epoch)."},
     )
+    clean_in_main_loss_passes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Passes over the trusted rows with the clean batch in the main loss (inf or unset: no limit)."
+        },
+    )
     reuse_clean_pass: bool = field(
         default=True,
         metadata={
@@ -312,17 +325,15 @@ class MLCTrainingArguments(TrainingArguments):
                 )
             if not self.skip_learning_rate > 0:
                 raise ValueError(f"skip_learning_rate must be > 0 or None, got {self.skip_learning_rate}")
-        limit = self.clean_in_main_loss_epochs
-        try:  # "inf" from a JSON or YAML file of arguments, as from the command line
-            limit = None if limit is None else float(limit)
-        except (TypeError, ValueError):
-            limit = math.nan
-        if limit is not None and not limit > 0:  # nan (not a number) fails the comparison too
-            raise ValueError(
-                "clean_in_main_loss_epochs must be a number > 0, inf or None (the clean batch in every epoch), "
-                f"got {self.clean_in_main_loss_epochs!r}"
-            )
-        self.clean_in_main_loss_epochs = limit
+        for name in ("clean_in_main_loss_epochs", "clean_in_main_loss_passes"):
+            value = getattr(self, name)
+            try:  # "inf" from a JSON or YAML file of arguments, as from the command line
+                limit = None if value is None else float(value)
+            except (TypeError, ValueError):
+                limit = math.nan
+            if limit is not None and not limit > 0:  # nan (not a number) fails the comparison too
+                raise ValueError(f"{name} must be a number > 0, inf or None (no limit), got {value!r}")
+            setattr(self, name, limit)
         if self.meta_weight_decay < 0:
             raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay}")
         for name in ("meta_hidden_size", "label_embedding_size", "gradient_steps", "meta_update_interval"):

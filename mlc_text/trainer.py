@@ -230,9 +230,25 @@ class MLCTrainer(CleanDataTrainer):
         return with_meta_objective(batch, self.args.meta_split, meta_rows)
 
     def clean_in_main_loss_now(self) -> bool:
-        """Whether this step's main loss holds the clean batch (`clean_in_main_loss`, `clean_in_main_loss_epochs`)."""
-        limit = self.args.clean_in_main_loss_epochs
-        return self.args.clean_in_main_loss and (limit is None or (self.state.epoch or 0.0) < limit)
+        """
+        Whether this step's main loss holds the clean batch: `clean_in_main_loss`, within `clean_in_main_loss_epochs`
+        epochs over the noisy rows and `clean_in_main_loss_passes` passes over the trusted rows ([`clean_passes`]).
+        """
+        epochs, passes = self.args.clean_in_main_loss_epochs, self.args.clean_in_main_loss_passes
+        return (
+            self.args.clean_in_main_loss
+            and (epochs is None or (self.state.epoch or 0.0) < epochs)
+            and (passes is None or self.clean_passes() < passes)
+        )
+
+    def clean_passes(self) -> float:
+        """
+        How many times the main loss has seen each trusted row of the clean batches so far, on average: steps done x
+        micro-batches per step x clean batch x processes / trusted rows (those left for it after `meta_split`).
+        """
+        stream = self.clean_batches
+        batches = self.state.global_step * self.args.gradient_accumulation_steps * stream.num_processes
+        return batches * stream.batch_size / len(stream.dataset)
 
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9

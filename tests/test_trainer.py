@@ -199,6 +199,34 @@ def test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_afte
         assert any(carried) and not any(took and not clean for took, clean in zip(carried, seen))
 
 
+def test_clean_in_main_loss_passes_drops_the_clean_batch_after_that_many_passes_over_the_trusted_rows(
+    tmp_path, monkeypatch
+):
+    seen = []
+    for name in ("meta_step", "corrected_label_step"):
+        original = getattr(trainer_module, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs["clean_in_main_loss"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, name, spy)
+    noisy, clean = datasets(num_noisy=104)  # 13 steps an epoch
+    for passes, epochs, expected in ((5, None, 5), (5, 0.2, 3), (40, 1.0, 13), (None, None, 26)):
+        seen.clear()
+        trainer = make_trainer(
+            tmp_path, noisy=noisy, clean=clean, max_steps=-1, num_train_epochs=2, clean_in_main_loss_epochs=epochs
+        )
+        stream = trainer.clean_batches
+        rows_per_step = stream.batch_size * stream.num_processes
+        assert stream.num_processes == 1 and len(stream.dataset) == len(clean)
+        # `passes` steps' worth of clean rows, in passes over the trusted rows: the first `passes` steps keep the batch
+        trainer.args.clean_in_main_loss_passes = None if passes is None else passes * rows_per_step / len(clean)
+        trainer.train()
+        assert seen == [True] * expected + [False] * (26 - expected), (passes, epochs)
+        assert trainer.clean_passes() == pytest.approx(26 * rows_per_step / len(clean))
+
+
 def test_l2rw_keeps_the_clean_batch_in_every_epoch(tmp_path, monkeypatch):
     # clean_in_main_loss_epochs is MLC's protocol; L2RW's rows in the benchmark ran with the clean batch throughout.
     seen = []
@@ -242,11 +270,15 @@ def test_clean_in_main_loss_epochs_changes_nothing_within_its_epochs(tmp_path):
 
     *_, parsed = parse_args(["--output_dir", str(tmp_path), "--clean_in_main_loss_epochs", "inf", "--use_cpu", "true"])
     assert parsed.clean_in_main_loss_epochs == float("inf")  # the command line's "throughout"
-    for bad in (0, -1.0, "nan", [1]):
-        with pytest.raises(ValueError, match=r"must be a number > 0, inf or None .*got " + re.escape(repr(bad))):
-            MLCTrainingArguments(
-                output_dir=str(tmp_path), use_cpu=True, report_to="none", clean_in_main_loss_epochs=bad
-            )
+    for name in ("clean_in_main_loss_epochs", "clean_in_main_loss_passes"):
+        for bad in (0, -1.0, "nan", [1]):
+            with pytest.raises(
+                ValueError, match=rf"{name} must be a number > 0, inf or None .*got {re.escape(repr(bad))}"
+            ):
+                MLCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{name: bad})
+    assert (
+        MLCTrainingArguments(output_dir=str(tmp_path), clean_in_main_loss_passes="25").clean_in_main_loss_passes == 25
+    )
 
 
 def test_confidence_gate_slope_learns_at_the_skip_learning_rate_and_is_logged(tmp_path):
