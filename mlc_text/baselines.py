@@ -176,8 +176,8 @@ class L2RWTrainer(_GivenLabelTrainer):
     """
     Learning to Reweight: each step weights the noisy batch by [`~mlc_text.l2rw.l2rw_weights`] and trains on the
     weighted loss (plus the clean batch when `clean_in_main_loss`, as MLC does, so the two differ only in how they
-    use the noisy rows). The clean batch is in every epoch's loss: `clean_in_main_loss_epochs` is MLC's alone (the
-    L2RW rows of the benchmark ran so).
+    use the noisy rows). The clean batch is in every step's loss: `clean_in_main_loss_epochs` and
+    `clean_in_main_loss_passes` are MLC's alone (the L2RW rows of the benchmark ran so).
     """
 
     _tag_names = list(get_method("l2rw").tags)
@@ -213,7 +213,7 @@ class CleanBatchFinetuneTrainer(_GivenLabelTrainer):
     mixes them into the noisy rows once per epoch; this control tells how much of MLC's or L2RW's result comes from
     that weight rather than from correcting or weighting the noisy rows.
 
-    The clean batch is in every step's loss: `clean_in_main_loss_epochs` does not apply.
+    The clean batch is in every step's loss: `clean_in_main_loss_epochs` and `clean_in_main_loss_passes` do not apply.
 
     Raises:
         ValueError: with `clean_in_main_loss=False` (the clean batch is the point of this method).

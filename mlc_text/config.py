@@ -135,7 +135,7 @@ class MLCTrainingArguments(TrainingArguments):
             and `finetune_clean_batch` keep the clean batch in every epoch.
         clean_in_main_loss_passes (`float` or `None`, *optional*, defaults to `None`):
             With `clean_in_main_loss`, the clean batch enters the main loss only while it has shown each trusted row
-            fewer than this many times on average (steps x clean batch x processes / trusted rows; whichever of this
+            fewer than this many times on average ([`MLCTrainer.clean_passes`]; whichever of this
             and `clean_in_main_loss_epochs` ends first). A limit in epochs over the noisy rows repeats a few trusted
             rows far more often on a large noisy corpus (AG News, 20,000 noisy rows, 40 trusted: 125 times in one
             epoch; 4,000 noisy rows, 80 trusted: 12.5); this one repeats them as often on any corpus. `None`: no

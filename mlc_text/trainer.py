@@ -244,11 +244,13 @@ class MLCTrainer(CleanDataTrainer):
     def clean_passes(self) -> float:
         """
         How many times the main loss has seen each trusted row of the clean batches so far, on average: steps done x
-        micro-batches per step x clean batch x processes / trusted rows (those left for it after `meta_split`).
+        micro-batches per step x processes x the clean batch's rows in the main loss (half of it, rounded up, under
+        `meta_split="batch"`) / trusted rows (those left for it under `meta_split="rows"`).
         """
         stream = self.clean_batches
+        rows = (stream.batch_size + 1) // 2 if self.args.meta_split == "batch" else stream.batch_size
         batches = self.state.global_step * self.args.gradient_accumulation_steps * stream.num_processes
-        return batches * stream.batch_size / len(stream.dataset)
+        return batches * rows / len(stream.dataset)
 
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9

@@ -227,6 +227,23 @@ def test_clean_in_main_loss_passes_drops_the_clean_batch_after_that_many_passes_
         assert trainer.clean_passes() == pytest.approx(26 * rows_per_step / len(clean))
 
 
+def test_clean_passes_counts_the_trusted_rows_the_main_loss_saw(tmp_path):
+    noisy, clean = datasets(num_noisy=104)
+    plain = make_trainer(tmp_path / "plain", noisy=noisy, clean=clean, clean_batch_size=4)
+    accumulated = make_trainer(
+        tmp_path / "ga", noisy=noisy, clean=clean, clean_batch_size=4, gradient_accumulation_steps=2
+    )
+    halved = make_trainer(tmp_path / "batch", noisy=noisy, clean=clean, clean_batch_size=5, meta_split="batch")
+    apart = make_trainer(tmp_path / "rows", noisy=noisy, clean=clean, clean_batch_size=4, meta_split="rows")
+    for trainer in (plain, accumulated, halved, apart):
+        trainer.state.global_step = 3
+    assert plain.clean_passes() == pytest.approx(3 * 4 / len(clean))
+    assert accumulated.clean_passes() == pytest.approx(3 * 2 * 4 / len(clean))  # a clean batch per micro-batch
+    assert halved.clean_passes() == pytest.approx(3 * 3 / len(clean))  # 3 of the 5 rows train the main net
+    assert len(apart.clean_batches.dataset) < len(clean)  # the meta objective's rows are not the main loss's
+    assert apart.clean_passes() == pytest.approx(3 * 4 / len(apart.clean_batches.dataset))
+
+
 def test_l2rw_keeps_the_clean_batch_in_every_epoch(tmp_path, monkeypatch):
     # clean_in_main_loss_epochs is MLC's protocol; L2RW's rows in the benchmark ran with the clean batch throughout.
     seen = []
