@@ -277,13 +277,12 @@ def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) 
         if not variants:  # the defaults' command; a variant's only in a cell without the defaults in any precision
             names = [name for name in names if not is_variant(name)] or ([] if defaults_label(methods) else names[:1])
         plain = [at[name]["example"]["method"] for name in sorted(at, key=method_rank) if not name.startswith("mlc")]
-        if any(mlc_variant(at[name]["example"]) is None for name in names):  # the defaults need no flags of their own
+        variants_of = {name: mlc_variant(at[name]["example"]) for name in names}
+        if None in variants_of.values():  # the defaults need no flags of their own
             plain.append("mlc")
-            names = [name for name in names if mlc_variant(at[name]["example"]) is not None]
         if plain:
             commands.append(f"{head} --methods {' '.join(plain)}")
-        for name in names:
-            rate, settings = mlc_variant(at[name]["example"])
+        for rate, settings in filter(None, variants_of.values()):
             command = f"{head} --methods mlc" + ("" if rate is None else f" --meta_learning_rates {rate:g}")
             if settings:
                 command += " --mlc_settings " + " ".join(item.replace('"', "") for item in settings.split(","))

@@ -10,7 +10,7 @@ import torch
 
 from .clean_batches import MetaBatch
 
-__all__ = ["split_batch", "split_meta_rows", "with_meta_objective"]
+__all__ = ["main_loss_rows", "split_batch", "split_meta_rows", "with_meta_objective"]
 
 
 def split_batch(inputs: dict[str, torch.Tensor], rows: int, second: bool = False) -> dict[str, torch.Tensor]:
@@ -37,6 +37,11 @@ def split_meta_rows(clean_dataset, num_labels: int, args):
     return meta, main
 
 
+def main_loss_rows(clean_rows: int, meta_split: str) -> int:
+    """How many rows of a clean batch of `clean_rows` train the main net: the first half, rounded up, under `"batch"`."""
+    return (clean_rows + 1) // 2 if meta_split == "batch" else clean_rows
+
+
 def with_meta_objective(
     batch: MetaBatch, meta_split: str, meta_rows: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 ) -> MetaBatch:
@@ -49,7 +54,7 @@ def with_meta_objective(
         return MetaBatch(batch.noisy_inputs, batch.noisy_labels, batch.clean_inputs, batch.clean_labels, *meta_rows)
     if meta_split == "batch":
         clean_inputs, clean_labels = batch.clean_inputs, batch.clean_labels
-        half = (len(clean_labels) + 1) // 2
+        half = main_loss_rows(len(clean_labels), meta_split)
         main, meta = split_batch(clean_inputs, half), split_batch(clean_inputs, half, second=True)
         return MetaBatch(batch.noisy_inputs, batch.noisy_labels, main, clean_labels[:half], meta, clean_labels[half:])
     return batch

@@ -34,7 +34,7 @@ from .meta_net import (
     head_features,
     warm_start_corrector,
 )
-from .meta_split import split_meta_rows, with_meta_objective
+from .meta_split import main_loss_rows, split_meta_rows, with_meta_objective
 from .methods import MethodContext, get_method
 
 __all__ = [
@@ -248,9 +248,8 @@ class MLCTrainer(CleanDataTrainer):
         `meta_split="batch"`) / trusted rows (those left for it under `meta_split="rows"`).
         """
         stream = self.clean_batches
-        rows = (stream.batch_size + 1) // 2 if self.args.meta_split == "batch" else stream.batch_size
         batches = self.state.global_step * self.args.gradient_accumulation_steps * stream.num_processes
-        return batches * rows / len(stream.dataset)
+        return batches * main_loss_rows(stream.batch_size, self.args.meta_split) / len(stream.dataset)
 
     # The given label's weight in the target at the start of `trust_given_labels_for`.
     INITIAL_TRUST = 0.9
