@@ -121,6 +121,11 @@ def method_label(row: dict) -> str:
     return "mlc" + ("" if rate is None else f"@{rate:g}") + (f"[{settings}]" if settings else "") + suffix
 
 
+def ran_in_bf16(rows) -> bool:
+    """Whether every one of these rows ran under bf16 autocast."""
+    return all(row_value(row, "precision") == "bf16" for row in rows)
+
+
 def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     """cell -> method label -> its rows, cells in a stable order (the rows' order within a method is kept)."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -129,14 +134,14 @@ def group_runs(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
         # rows of two keys can share a label (an old defaults row and its rerun as a variant): the newest row of a seed
         runs[:] = [run for run in runs if run["seed"] != row["seed"]] + [row]
     for cell, methods in groups.items():  # a cell run in bf16 alone reads like a float32 one; its table says bf16
-        if all(row_value(run, "precision") == "bf16" for runs in methods.values() for run in runs):
+        if ran_in_bf16(run for runs in methods.values() for run in runs):
             groups[cell] = {name.removesuffix(" (bf16)"): runs for name, runs in methods.items()}
     return dict(sorted(groups.items(), key=lambda item: tuple(str(value) for value in item[0])))
 
 
 def all_bf16(methods: dict[str, dict]) -> bool:
-    """Whether every run of a cell ran under bf16 autocast (its methods then carry no `(bf16)` in their names)."""
-    return all(row_value(stats["example"], "precision") == "bf16" for stats in methods.values())
+    """Whether every run of a summarised cell ran under bf16 autocast (its methods then carry no `(bf16)`)."""
+    return ran_in_bf16(stats["example"] for stats in methods.values())
 
 
 def method_rank(name: str) -> int:
@@ -258,17 +263,21 @@ def commands_block(cell: tuple, methods: dict[str, dict]) -> list[str]:
     commands = cell_commands(cell, methods, variants=False)
     if len(commands) < 2:
         return commands
-    arguments = cell_arguments(cell, methods)
-    return [f"CELL=({arguments})"] + [command.replace(arguments, '"${CELL[@]}"', 1) for command in commands]
+    return [f"CELL=({cell_arguments(cell, methods)})"] + cell_commands(
+        cell, methods, variants=False, arguments='"${CELL[@]}"'
+    )
 
 
-def cell_commands(cell: tuple, methods: dict[str, dict], variants: bool = True) -> list[str]:
+def cell_commands(
+    cell: tuple, methods: dict[str, dict], variants: bool = True, arguments: str | None = None
+) -> list[str]:
     """
     The `bench/accuracy.py` invocations that reproduce a cell's rows, per precision: one for the baselines and MLC at
     the package defaults, one per other MLC run type (with `variants=False`, only the baselines-and-defaults one, or
-    where the cell has no defaults in any precision, that of its first variant).
+    where the cell has no defaults in any precision, that of its first variant). Each starts with the cell's
+    arguments ([`cell_arguments`]), or with `arguments` in their place (a shell array holding them).
     """
-    base = f"{SCRIPT} {cell_arguments(cell, methods)}"
+    base = f"{SCRIPT} {cell_arguments(cell, methods) if arguments is None else arguments}"
     commands = []
     for precision in sorted({row_value(stats["example"], "precision") for stats in methods.values()}):
         at = {name: stats for name, stats in methods.items() if row_value(stats["example"], "precision") == precision}
@@ -614,7 +623,7 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
     for cell, methods in cells.items():
         if has_headroom(methods):
             corpus, model, kind, rate, clean, epochs, rows, validation, selection = cell
-            groups[(corpus, model)][(kind, rate, clean, epochs, rows, validation, selection)] = methods
+            groups[(corpus, model)][(kind, rate, clean, epochs, rows, validation, selection)] = plotted(methods)
     written = []
     figures.mkdir(parents=True, exist_ok=True)
     for (corpus, model), settings in groups.items():
@@ -662,7 +671,7 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(f"{corpus}, {model}: cells where the oracle is >= 4 points above clean_only", fontsize=10)
         axis.grid(axis="y", alpha=0.3)
-        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mean ± std; dots: seeds",
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mean ± std; dots: seeds\n(precision: the tables)",
                     title_fontsize=7)  # fmt: skip
         figure.tight_layout()
         name = safe_name(f"accuracy_{corpus}_{model}")  # safe_name drops a Hub id's slash
@@ -671,6 +680,18 @@ def plot(cells: dict[tuple, dict[str, dict]], figures: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def plotted(methods: dict[str, dict]) -> dict[str, dict]:
+    """
+    A cell's methods as one series each across a figure: a method run in bf16 alone in the cell under its plain name
+    (`mlc (bf16)` beside float32 baselines plots as `mlc`, like the `mlc` of a cell run in bf16 alone), a bf16 run
+    beside its float32 twin under its own.
+    """
+    return {
+        name.removesuffix(" (bf16)") if name.removesuffix(" (bf16)") not in methods else name: stats
+        for name, stats in methods.items()
+    }
 
 
 def _tick(setting: tuple, methods: dict[str, dict]) -> str:

@@ -281,6 +281,9 @@ def test_report_means_and_gap_share(tmp_path):
     hub_model = [{**row, "model": "org/encoder"} for row in rows]
     (figure,) = report.plot(report.summarise(hub_model), tmp_path / "hub")
     assert figure.parent == tmp_path / "hub" and figure.name == "accuracy_ag_news_org_encoder.png"
+    # MLC in bf16 beside float32 baselines is one series with a cell's bf16-only MLC; a bf16 twin keeps its name
+    series = {"mlc (bf16)": 1, "clean_only": 2, "clean_only (bf16)": 3, "oracle": 4}
+    assert report.plotted(series) == {"mlc": 1, "clean_only": 2, "clean_only (bf16)": 3, "oracle": 4}
     # a cell whose oracle is less than 4 points above clean_only has no room to show a method: no figure
     flat = [{**row, "test_accuracy": 0.82} if row["method"] == "oracle" else row for row in rows]
     assert report.plot(report.summarise(flat), tmp_path / "flat") == []
