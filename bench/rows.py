@@ -8,10 +8,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 
 from mlc_text.config import MLC_FINISHES_ON_CLEAN, MLCTrainingArguments, default_clean_batch_size
+from mlc_text.meta_split import main_loss_rows
 
 # Written by bench/accuracy.py into each run's folder: the run's key (the fields below), beside bench_args.json (the
 # recipe's arguments), so that a tool reading the folder knows which cell and method it holds.
@@ -53,10 +55,16 @@ KEY_FIELDS = (
     # clean_in_main_loss_epochs, capped at the run's epochs; without the setting, all of them): a one-epoch run is the
     # same whether the limit is one epoch or none, a three-epoch run is not.
     "clean_in_main_loss_epochs",
+    # An MLC run's clean_in_main_loss_passes as it ran (its settings, else the package default of its day; None: no
+    # limit); rows written before the field existed had no limit unless their settings set one. Whether the limit
+    # changed a run is [`clean_passes_in_main_loss`]'s to say.
+    "clean_in_main_loss_passes",
 )
 
 # The benchmark's batch size (bench/accuracy.py --batch_size), which every row ran with.
 BENCH_BATCH_SIZE = 32
+# A row's passes limit is recorded as it ran; the report asks whether today's default would have run it alike.
+PASSES = "clean_in_main_loss_passes"
 
 
 def settings_of(row: dict) -> dict:
@@ -86,6 +94,7 @@ def mlc_protocol(batch_size: int = BENCH_BATCH_SIZE, epochs: float = 1.0, clean_
         "finish_on_clean": MLC_FINISHES_ON_CLEAN,
         "meta_update_interval": MLCTrainingArguments.meta_update_interval,
         "clean_in_main_loss_epochs": clean_epochs({"clean_in_main_loss": clean_in_main_loss}, epochs),
+        PASSES: MLCTrainingArguments.clean_in_main_loss_passes,  # the limit ([`clean_passes_in_main_loss`])
     }
 
 
@@ -102,6 +111,33 @@ def clean_epochs(
         return float(epochs)
     limit = settings.get("clean_in_main_loss_epochs", default)
     return float(epochs if limit is None else min(float(limit), epochs))  # float: "inf" from --mlc_settings
+
+
+def clean_passes_in_main_loss(row: dict, limit: float | None) -> float | None:
+    """
+    How many times, on average, an MLC row's clean batch would have shown each trusted row in the main loss under a
+    passes limit of `limit` (`None` or inf: none), as `MLCTrainer.clean_in_main_loss_now` counts: the steps within
+    the row's `clean_in_main_loss_epochs` and before `limit` passes (ceil(limit x trusted rows / rows per step)) x the
+    clean batch's rows in the main loss / the trusted rows that feed it. `None` for a row without its row counts.
+    Two limits ran a row alike when this is the same for both.
+    """
+    used = row.get("rows") or {}
+    if row.get("method") != "mlc" or not used.get("train") or not used.get("clean"):
+        return None
+    settings = settings_of(row)
+    if settings.get("clean_in_main_loss") is False:
+        return 0.0
+    meta_split = settings.get("meta_split", MLCTrainingArguments.meta_split)
+    per_step = main_loss_rows(row_value(row, "clean_batch_size"), meta_split)
+    trusted = used["clean"]
+    if meta_split == "rows":  # each class's rows less its share for the meta objective (half up, at least one)
+        per_class = row["num_clean_per_class"] - row_value(row, "select_on_trusted")
+        share = settings.get("meta_split_fraction", MLCTrainingArguments.meta_split_fraction)
+        trusted = trusted // per_class * (per_class - max(1, math.floor(share * per_class + 0.5)))
+    steps = math.ceil(row_value(row, "clean_in_main_loss_epochs") * math.ceil(used["train"] / BENCH_BATCH_SIZE))
+    if limit is not None and math.isfinite(float(limit)):
+        steps = min(steps, math.ceil(float(limit) * trusted / per_step))
+    return steps * per_step / trusted
 
 
 def _clean_epochs_of(row: dict) -> float | None:
@@ -134,6 +170,7 @@ LEGACY_DEFAULTS = {
     "clean_batch_size": _legacy_setting("clean_batch_size", BENCH_BATCH_SIZE),
     "meta_update_interval": _legacy_setting("meta_update_interval", 1),
     "clean_in_main_loss_epochs": _clean_epochs_of,
+    PASSES: _legacy_setting(PASSES, None),
 }
 
 

@@ -70,6 +70,9 @@ def test_clean_in_main_loss_epochs_is_recorded_as_the_epochs_it_covered(tmp_path
     name = "clean_in_main_loss_epochs"
     assert (one[name], three[name]) == (1.0, 1.0)
     assert run("3", "clean_in_main_loss_epochs=inf")[name] == 3.0  # the command line's "throughout"
+    # the passes limit as it runs: the settings' value, else today's default
+    assert one["clean_in_main_loss_passes"] == MLCTrainingArguments.clean_in_main_loss_passes
+    assert run("1", "clean_in_main_loss_passes=7")["clean_in_main_loss_passes"] == 7
     without = run("3", "clean_in_main_loss=false")
     assert without[name] == 3.0  # no clean batch in the main loss: the limit does not apply
     # rows from before the field: their settings' limit, else none, capped at their epochs
@@ -89,6 +92,53 @@ def test_clean_in_main_loss_epochs_is_recorded_as_the_epochs_it_covered(tmp_path
     older_without = {key: value for key, value in without.items() if key != name}
     assert accuracy.run_key(older_without) == accuracy.run_key(without)
     assert report.method_label(without) == "mlc@0.0003[clean_in_main_loss=false]"
+
+
+def test_clean_passes_in_main_loss_counts_as_the_trainer_does():
+    rows = load("rows")
+    large = {"method": "mlc", "epochs": 1.0, "clean_batch_size": 8, "rows": {"train": 20000, "clean": 40}}
+    # 625 steps of 8 trusted rows over 40: 125 passes; under 25, the 125 steps before the 25th pass (ceil(25 x 40 / 8))
+    assert rows.clean_passes_in_main_loss(large, None) == rows.clean_passes_in_main_loss(large, float("inf")) == 125.0
+    assert rows.clean_passes_in_main_loss(large, 25) == 25.0
+    assert rows.clean_passes_in_main_loss(large, 24.9) == 25.0  # the step that starts below the limit still counts
+    small = {**large, "rows": {"train": 4000, "clean": 80}}
+    assert rows.clean_passes_in_main_loss(small, None) == rows.clean_passes_in_main_loss(small, 25) == 12.5
+    # a partial last batch is a step (558 rows: 18 steps); the limit in epochs counts (3 epochs, clean batch in 1)
+    few = {**large, "epochs": 3.0, "clean_in_main_loss_epochs": 1.0, "rows": {"train": 558, "clean": 40}}
+    assert rows.clean_passes_in_main_loss(few, None) == 18 * 8 / 40
+    # half the clean batch trains the main net under meta_split="batch"; "rows" keeps a share of each class apart
+    halves = {**large, "mlc_settings": 'meta_split="batch"'}
+    assert rows.clean_passes_in_main_loss(halves, None) == 625 * 4 / 40
+    apart = {**small, "num_clean_per_class": 20, "mlc_settings": 'meta_split="rows",meta_split_fraction=0.25'}
+    assert rows.clean_passes_in_main_loss(apart, None) == 125 * 8 / 60  # 15 of each class's 20 rows
+    assert rows.clean_passes_in_main_loss({**large, "mlc_settings": "clean_in_main_loss=false"}, 25) == 0.0
+    assert rows.clean_passes_in_main_loss({**large, "method": "l2rw"}, 25) is None
+    assert rows.clean_passes_in_main_loss({"method": "mlc", "epochs": 1.0}, 25) is None  # no row counts
+
+
+def test_a_passes_limit_names_a_row_only_where_it_changed_the_run(monkeypatch):
+    report = load("report")
+    from mlc_text.config import MLCTrainingArguments
+
+    base = {**TODAYS_MLC_DEFAULTS, "method": "mlc", "epochs": 1.0, "meta_learning_rate": 3e-4, "seed": 0}
+    large, small = {**base, "rows": {"train": 20000, "clean": 40}}, {**base, "rows": {"train": 4000, "clean": 80}}
+    for limit in (None, 25.0):  # rows recorded before the limit (no field) and under a default of 25
+        monkeypatch.setattr(MLCTrainingArguments, "clean_in_main_loss_passes", limit)
+        older_large, older_small = (
+            {k: v for k, v in row.items() if k != "clean_in_main_loss_passes"} for row in (large, small)
+        )
+        assert report.method_label(older_small) == "mlc"  # 12.5 passes: no limit of 25 reached
+        assert report.method_label(older_large) == (
+            "mlc" if limit is None else "mlc@0.0003[clean_in_main_loss_passes=inf]"
+        )
+        # a variant that set today's default is today's defaults, and one that set another limit is named by it
+        set_25 = {**older_large, "mlc_defaults": False, "mlc_settings": "clean_in_main_loss_passes=25"}
+        assert report.method_label(set_25) == ("mlc@0.0003[clean_in_main_loss_passes=25]" if limit is None else "mlc")
+        set_50 = {**older_large, "mlc_defaults": False, "mlc_settings": "clean_in_main_loss_passes=50"}
+        assert report.method_label(set_50) == "mlc@0.0003[clean_in_main_loss_passes=50]"
+        # no row counts to tell by: named when the limits differ
+        bare = {key: value for key, value in older_large.items() if key != "rows"}
+        assert report.method_label(bare) == ("mlc" if limit is None else "mlc@0.0003[clean_in_main_loss_passes=inf]")
 
 
 def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
