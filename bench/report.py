@@ -111,7 +111,7 @@ def mlc_variant(row: dict) -> tuple[float | None, str] | None:
         settings.pop(PASSES, None)  # named only where today's limit would have run the row otherwise
         ran = row_value(row, PASSES)
         if not _same_passes(row, ran, MLCTrainingArguments.clean_in_main_loss_passes):
-            settings[PASSES] = "inf" if ran is None else json.dumps(ran)
+            settings[PASSES] = "inf" if ran is None or math.isinf(float(ran)) else json.dumps(ran)
     rate = row.get("meta_learning_rate")
     if "mlc_defaults" in row and not settings and rate == MLCTrainingArguments.meta_learning_rate:
         return None

@@ -113,13 +113,14 @@ def clean_epochs(
     return float(epochs if limit is None else min(float(limit), epochs))  # float: "inf" from --mlc_settings
 
 
-def clean_passes_in_main_loss(row: dict, limit: float | None) -> float | None:
+def clean_passes_in_main_loss(row: dict, limit: float | None, batch_size: int = BENCH_BATCH_SIZE) -> float | None:
     """
     How many times, on average, an MLC row's clean batch would have shown each trusted row in the main loss under a
-    passes limit of `limit` (`None` or inf: none), as `MLCTrainer.clean_in_main_loss_now` counts: the steps within
-    the row's `clean_in_main_loss_epochs` and before `limit` passes (ceil(limit x trusted rows / rows per step)) x the
-    clean batch's rows in the main loss / the trusted rows that feed it. `None` for a row without its row counts.
-    Two limits ran a row alike when this is the same for both.
+    passes limit of `limit` (`None` or inf: none), counted as `MLCTrainer.clean_in_main_loss_now` does: the steps
+    that start within the row's `clean_in_main_loss_epochs` (of ceil(noisy rows / `batch_size`) steps each) and with
+    fewer than `limit` passes done (steps x rows per step / trusted rows), x the clean batch's rows in the main loss
+    (the batch at most the trusted rows that feed it) / those rows. `None` for a row without its row counts. Two
+    limits ran a row alike when this is the same for both.
     """
     used = row.get("rows") or {}
     if row.get("method") != "mlc" or not used.get("train") or not used.get("clean"):
@@ -128,15 +129,18 @@ def clean_passes_in_main_loss(row: dict, limit: float | None) -> float | None:
     if settings.get("clean_in_main_loss") is False:
         return 0.0
     meta_split = settings.get("meta_split", MLCTrainingArguments.meta_split)
-    per_step = main_loss_rows(row_value(row, "clean_batch_size"), meta_split)
     trusted = used["clean"]
     if meta_split == "rows":  # each class's rows less its share for the meta objective (half up, at least one)
         per_class = row["num_clean_per_class"] - row_value(row, "select_on_trusted")
         share = settings.get("meta_split_fraction", MLCTrainingArguments.meta_split_fraction)
         trusted = trusted // per_class * (per_class - max(1, math.floor(share * per_class + 0.5)))
-    steps = math.ceil(row_value(row, "clean_in_main_loss_epochs") * math.ceil(used["train"] / BENCH_BATCH_SIZE))
+    per_step = main_loss_rows(min(row_value(row, "clean_batch_size"), trusted), meta_split)
+    steps = math.ceil(row_value(row, "clean_in_main_loss_epochs") * math.ceil(used["train"] / batch_size))
     if limit is not None and math.isfinite(float(limit)):
-        steps = min(steps, math.ceil(float(limit) * trusted / per_step))
+        first_over = max(0, math.floor(float(limit) * trusted / per_step) - 2)
+        while first_over * per_step / trusted < float(limit):  # the trainer's own test, not its rounded inverse
+            first_over += 1
+        steps = min(steps, first_over)
     return steps * per_step / trusted
 
 

@@ -112,6 +112,12 @@ def test_clean_passes_in_main_loss_counts_as_the_trainer_does():
     apart = {**small, "num_clean_per_class": 20, "mlc_settings": 'meta_split="rows",meta_split_fraction=0.25'}
     assert rows.clean_passes_in_main_loss(apart, None) == 125 * 8 / 60  # 15 of each class's 20 rows
     assert rows.clean_passes_in_main_loss({**large, "mlc_settings": "clean_in_main_loss=false"}, 25) == 0.0
+    # the limit tested as the trainer tests it (step x rows / trusted < limit): 1.1 x 50 is 55.00000000000001
+    one_row = {**large, "clean_batch_size": 1, "rows": {"train": 20000, "clean": 50}}
+    assert rows.clean_passes_in_main_loss(one_row, 1.1) == 55 / 50
+    # a clean batch larger than the trusted rows draws all of them (32 asked, 20 rows)
+    capped = {**large, "clean_batch_size": 32, "rows": {"train": 4000, "clean": 20}}
+    assert rows.clean_passes_in_main_loss(capped, None) == 125 * 20 / 20
     assert rows.clean_passes_in_main_loss({**large, "method": "l2rw"}, 25) is None
     assert rows.clean_passes_in_main_loss({"method": "mlc", "epochs": 1.0}, 25) is None  # no row counts
 
@@ -136,6 +142,17 @@ def test_a_passes_limit_names_a_row_only_where_it_changed_the_run(monkeypatch):
         assert report.method_label(set_25) == ("mlc@0.0003[clean_in_main_loss_passes=25]" if limit is None else "mlc")
         set_50 = {**older_large, "mlc_defaults": False, "mlc_settings": "clean_in_main_loss_passes=50"}
         assert report.method_label(set_50) == "mlc@0.0003[clean_in_main_loss_passes=50]"
+        # at the limit exactly (40 trusted rows, 125 steps of 8: 25 passes) the limit of 25 changes nothing
+        two_classes = {**older_large, "rows": {"train": 4000, "clean": 40}}
+        assert report.method_label(two_classes) == "mlc"
+        # no limit is "inf" however a row spells it (unset, "inf" from the command line, JSON's Infinity)
+        for spelt in ('"inf"', "Infinity"):
+            inf = {**older_large, "mlc_defaults": False, "mlc_settings": f"clean_in_main_loss_passes={spelt}"}
+            assert report.method_label(inf) == (
+                "mlc" if limit is None else "mlc@0.0003[clean_in_main_loss_passes=inf]"
+            )
+        # a row of the defaults that records the limit it ran under
+        assert report.method_label({**large, "clean_in_main_loss_passes": limit}) == "mlc"
         # no row counts to tell by: named when the limits differ
         bare = {key: value for key, value in older_large.items() if key != "rows"}
         assert report.method_label(bare) == ("mlc" if limit is None else "mlc@0.0003[clean_in_main_loss_passes=inf]")

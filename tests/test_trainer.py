@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -225,6 +227,21 @@ def test_clean_in_main_loss_passes_drops_the_clean_batch_after_that_many_passes_
         trainer.train()
         assert seen == [True] * expected + [False] * (26 - expected), (passes, epochs)
         assert trainer.clean_passes() == pytest.approx(26 * rows_per_step / len(clean))
+        # the benchmark's count of the same run, from what its row records (bench/rows.py)
+        row = {
+            "method": "mlc", "epochs": 2.0, "clean_batch_size": stream.batch_size,
+            "clean_in_main_loss_epochs": 2.0 if epochs is None else epochs, "rows": {"train": 104, "clean": len(clean)},
+        }  # fmt: skip
+        counted = bench_rows().clean_passes_in_main_loss(row, trainer.args.clean_in_main_loss_passes, batch_size=8)
+        assert counted == pytest.approx(expected * rows_per_step / len(clean)), (passes, epochs)
+
+
+def bench_rows():
+    """bench/rows.py, which counts a benchmark row's passes the trainer's way."""
+    spec = importlib.util.spec_from_file_location("bench_rows", Path(__file__).resolve().parents[1] / "bench/rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_clean_passes_counts_the_trusted_rows_the_main_loss_saw(tmp_path):
