@@ -180,7 +180,7 @@ def test_mlc_settings_reach_the_mlc_runs_only_and_their_key(tmp_path, data_dir):
         report.method_label({**mlc, "meta_learning_rate": 3e-5}) == "mlc@3e-05[gradient_steps=3,skip_connection=true]"
     )
     today = {"method": "mlc", "meta_learning_rate": 3e-4, "mlc_defaults": True, "finish_on_clean": True}
-    today.update(clean_batch_size=8, meta_update_interval=5)
+    today.update(clean_batch_size=8, meta_update_interval=5, clean_in_main_loss_passes=PASSES_DEFAULT)
     assert report.method_label(today) == "mlc"
     yesterday = {**today, "clean_batch_size": 16, "meta_update_interval": 2}
     assert report.method_label(yesterday) == "mlc@0.0003[clean_batch_size=16,meta_update_interval=2]"
@@ -380,7 +380,7 @@ def test_report_puts_mlc_variants_in_the_ablation_table_against_the_defaults_at_
         {**base, "method": method, "seed": seed, "meta_learning_rate": rate, "mlc_settings": settings,
          "precision": precision, "test_accuracy": test, "test_macro_f1": test,
          "mlc_defaults": method == "mlc" and settings is None, "finish_on_clean": settings != 'meta_split="rows"',
-         "clean_batch_size": 8, "meta_update_interval": 5}
+         "clean_batch_size": 8, "meta_update_interval": 5, "clean_in_main_loss_passes": PASSES_DEFAULT}
         for method, seed, rate, settings, precision, test in runs
     ]  # fmt: skip
     cells = report.summarise(rows)
@@ -488,6 +488,7 @@ def test_train_logs_summarise_what_a_run_logged_and_the_report_tabulates_it(tmp_
     assert "| corrected label right |" not in text  # no row for what the run did not log
 
 
+PASSES_DEFAULT = load("rows").MLCTrainingArguments.clean_in_main_loss_passes  # recorded by every MLC row
 # What bench/accuracy.py writes for an MLC run of today's defaults.
 # (for one epoch: how many epochs have the clean batch in the main loss depends on the run's)
 TODAYS_MLC_DEFAULTS = {"mlc_defaults": True, **load("rows").mlc_protocol()}

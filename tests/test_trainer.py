@@ -70,6 +70,7 @@ def make_trainer(tmp_path, model=None, noisy=None, clean=None, corrector=None, t
         # the clean batch in the main loss in every epoch, the paper's (the default keeps it for the first epoch only:
         # test_clean_in_main_loss_epochs_drops_the_clean_batch_from_the_main_loss_after_that_many_epochs)
         "clean_in_main_loss_epochs": None,
+        "clean_in_main_loss_passes": None,
         "max_steps": 6,
         "report_to": "none",
         "use_cpu": True,
