@@ -129,10 +129,11 @@ class MLCTrainingArguments(TrainingArguments):
         clean_in_main_loss_epochs (`float` or `None`, *optional*, defaults to `1.0`):
             With `clean_in_main_loss`, the clean batch enters the main loss only while fewer than this many epochs
             over the noisy rows are done; after that it is the meta objective's alone. `None` (`inf` on the command
-            line): throughout. Repeated in every step, the few trusted rows are fitted by the main net during the
-            noisy stage, so that over several epochs the meta objective and the clean stage have little left to
-            correct (docs/method.md). A run of one epoch is the same with or without the limit. MLC's alone: `l2rw`
-            and `finetune_clean_batch` keep the clean batch in every epoch.
+            line): in every epoch, up to `clean_in_main_loss_passes` (set both to `None` for the paper's step).
+            Repeated in every step, the few trusted rows are fitted by the main net during the noisy stage, so that
+            over several epochs the meta objective and the clean stage have little left to correct (docs/method.md).
+            A run of one epoch is the same with or without the limit. MLC's alone: `l2rw` and `finetune_clean_batch`
+            keep the clean batch in every epoch.
         clean_in_main_loss_passes (`float` or `None`, *optional*, defaults to `25.0`):
             With `clean_in_main_loss`, the clean batch enters the main loss only while it has shown each trusted row
             fewer than this many times on average ([`MLCTrainer.clean_passes`]; whichever of this
@@ -248,7 +249,10 @@ class MLCTrainingArguments(TrainingArguments):
     )
     clean_in_main_loss_epochs: float | None = field(
         default=1.0,
-        metadata={"help": "Epochs over the noisy rows with the clean batch in the main loss (inf: every epoch)."},
+        metadata={
+            "help": "Epochs over the noisy rows with the clean batch in the main loss (inf: every epoch, up to the "
+            "passes limit)."
+        },
     )
     clean_in_main_loss_passes: float | None = field(
         default=25.0,
