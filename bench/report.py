@@ -38,6 +38,7 @@ from bench.rows import (  # noqa: E402
     PASSES,
     clean_passes_in_main_loss,
     mlc_protocol,
+    passes_limit,
     row_value,
     safe_name,
     settings_of,
@@ -111,7 +112,7 @@ def mlc_variant(row: dict) -> tuple[float | None, str] | None:
         settings.pop(PASSES, None)  # named only where today's limit would have run the row otherwise
         ran = row_value(row, PASSES)
         if not _same_passes(row, ran, MLCTrainingArguments.clean_in_main_loss_passes):
-            settings[PASSES] = "inf" if ran is None or math.isinf(float(ran)) else json.dumps(ran)
+            settings[PASSES] = "inf" if math.isinf(passes_limit(ran)) else json.dumps(ran)
     rate = row.get("meta_learning_rate")
     if "mlc_defaults" in row and not settings and rate == MLCTrainingArguments.meta_learning_rate:
         return None
@@ -122,9 +123,7 @@ def _same_passes(row: dict, limit: float | None, other: float | None) -> bool:
     """Whether two limits of `clean_in_main_loss_passes` run an MLC row alike ([`clean_passes_in_main_loss`])."""
     passes, other_passes = clean_passes_in_main_loss(row, limit), clean_passes_in_main_loss(row, other)
     if passes is None:  # no row counts to tell by: alike only when the limits are
-        return (limit is None or math.isinf(float(limit))) == (other is None or math.isinf(float(other))) and (
-            limit is None or other is None or math.isclose(float(limit), float(other))
-        )
+        return math.isclose(passes_limit(limit), passes_limit(other))
     return math.isclose(passes, other_passes)
 
 

@@ -113,6 +113,11 @@ def clean_epochs(
     return float(epochs if limit is None else min(float(limit), epochs))  # float: "inf" from --mlc_settings
 
 
+def passes_limit(value) -> float:
+    """A `clean_in_main_loss_passes` limit as a number: `None` (no limit) and "inf" or JSON's Infinity as inf."""
+    return math.inf if value is None else float(value)
+
+
 def clean_passes_in_main_loss(row: dict, limit: float | None, batch_size: int = BENCH_BATCH_SIZE) -> float | None:
     """
     How many times, on average, an MLC row's clean batch would have shown each trusted row in the main loss under a
@@ -136,9 +141,10 @@ def clean_passes_in_main_loss(row: dict, limit: float | None, batch_size: int = 
         trusted = trusted // per_class * (per_class - max(1, math.floor(share * per_class + 0.5)))
     per_step = main_loss_rows(min(row_value(row, "clean_batch_size"), trusted), meta_split)
     steps = math.ceil(row_value(row, "clean_in_main_loss_epochs") * math.ceil(used["train"] / batch_size))
-    if limit is not None and math.isfinite(float(limit)):
-        first_over = max(0, math.floor(float(limit) * trusted / per_step) - 2)
-        while first_over * per_step / trusted < float(limit):  # the trainer's own test, not its rounded inverse
+    limit = passes_limit(limit)
+    if math.isfinite(limit):
+        first_over = max(0, math.floor(limit * trusted / per_step) - 2)
+        while first_over * per_step / trusted < limit:  # the trainer's own test, not its rounded inverse
             first_over += 1
         steps = min(steps, first_over)
     return steps * per_step / trusted
